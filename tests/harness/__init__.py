@@ -1,0 +1,1 @@
+"""Test harness helpers that drive real external components (PostgreSQL, ...)."""
