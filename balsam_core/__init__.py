@@ -23,6 +23,7 @@ from .plugin_types import (
     JobRequest,
     LaunchCommand,
     LaunchSpec,
+    LauncherInfo,
     LeasedTask,
     MpiLauncher,
     MpiLauncherPlugin,
@@ -47,17 +48,23 @@ from .plugin_types import (
     TaskSourcePlugin,
     TransitionEvent,
 )
-from .states import BatchJobState, InvalidTransition, State
+from .states import RUNNABLE, BatchJobState, InvalidTransition, State
+from .transitions import Change
+from .taskspec import render_argv
+from .api import Site  # noqa: E402 - after the plain types it builds on
+from . import models  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RUNNABLE",
     "ActiveJob",
     "Allocation",
     "BackfillWindow",
     "BalsamError",
     "BatchJobSpec",
     "BatchJobState",
+    "Change",
     "CliCommandPlugin",
     "ConfigError",
     "DatabaseError",
@@ -66,6 +73,7 @@ __all__ = [
     "JobRequest",
     "LaunchCommand",
     "LaunchSpec",
+    "LauncherInfo",
     "LeasedTask",
     "MpiLauncher",
     "MpiLauncherPlugin",
@@ -85,6 +93,7 @@ __all__ = [
     "Scheduler",
     "SchedulerJobStatus",
     "SchedulerPlugin",
+    "Site",
     "SiteNotFound",
     "State",
     "StateUpdate",
@@ -95,5 +104,7 @@ __all__ = [
     "TransitionEvent",
     "ValidationError",
     "hookimpl",
+    "models",
+    "render_argv",
     "__version__",
 ]

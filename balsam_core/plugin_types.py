@@ -238,6 +238,19 @@ class LeasedTask:
 
 
 @dataclass(frozen=True)
+class LauncherInfo:
+    """A launcher introducing itself to a task source."""
+
+    host: str
+    pid: int
+    mode: str = "mpi"
+    batch_job_id: int | None = None
+    #: Only tasks of this workflow / with all these tags are leased to it.
+    workflow: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StateUpdate:
     """A state change a launcher reports for one of its leased tasks."""
 
@@ -345,6 +358,9 @@ class MpiLauncher(Protocol):
 @runtime_checkable
 class TaskSource(Protocol):
     """Hands runnable tasks to launchers, exactly once, and takes back their state changes."""
+
+    def register(self, info: LauncherInfo) -> int:
+        """Record a starting launcher; return its id (used in every later call)."""
 
     def lease(
         self, launcher_id: int, free: Sequence[NodeResources], limit: int

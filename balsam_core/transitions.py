@@ -1,0 +1,221 @@
+"""Bulk state changes with provenance, and the DAG rules they trigger.
+
+:func:`apply` moves many tasks in a handful of statements: one read of the current
+states (row-locked on PostgreSQL; SQLite callers hold the write lock), one UPDATE per
+distinct ``from -> to`` pair, one multi-row INSERT of TaskEvents — all in the
+caller's transaction, so a state and its event are never written apart.  It then
+applies the DAG rules of DESIGN §5: children whose parents all finished become
+READY; dependants of a FAILED parent fail; dependants of a killed parent are killed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.orm import Session
+
+from .db import bulk_insert
+from .errors import NotFound
+from .models import Task, TaskDependency, TaskEvent
+from .plugin_types import TransitionEvent
+from .states import State, check_transition
+
+#: Ids per ``IN (...)`` list; well below SQLite's and PostgreSQL's parameter limits.
+CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Change:
+    """Move one task to *to_state*, saying why."""
+
+    task_id: int
+    to_state: State
+    message: str = ""
+    return_code: int | None = None
+
+
+def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
+    """*items* in slices of at most *size*."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def current_states(session: Session, ids: Sequence[int], lock: bool = True) -> dict[int, State]:
+    """``{id: state}`` for *ids* that exist; rows are locked on PostgreSQL when *lock*."""
+    result: dict[int, State] = {}
+    for part in chunks(sorted(set(ids))):
+        query = select(Task.id, Task.state).where(Task.id.in_(part))
+        if lock and session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        result.update((i, State(s)) for i, s in session.execute(query))
+    return result
+
+
+def apply(
+    session: Session,
+    changes: Sequence[Change],
+    *,
+    launcher_id: int | None = None,
+    batch_job_id: int | None = None,
+    now: float | None = None,
+    skip_killed: bool = True,
+) -> list[TransitionEvent]:
+    """Apply *changes* and the DAG rules they trigger; return the recorded events.
+
+    Raises :class:`~balsam_core.states.InvalidTransition` (nothing written: the caller's
+    transaction rolls back) for a move the state table forbids, and
+    :class:`~balsam_core.errors.NotFound` for an unknown task.  A change to a task that
+    is already USER_KILLED is dropped when *skip_killed*: a kill is never overwritten.
+    """
+    now = time.time() if now is None else now
+    events: list[TransitionEvent] = []
+    pending = list(changes)
+    while pending:
+        # One change per task per round: a batch may walk a task through several states.
+        seen: set[int] = set()
+        this_round, pending_next = [], []
+        for change in pending:
+            (pending_next if change.task_id in seen else this_round).append(change)
+            seen.add(change.task_id)
+        events += _apply_round(session, this_round, launcher_id, batch_job_id, now, skip_killed)
+        pending = pending_next
+    cascade = _dag_rules(session, events)
+    if cascade:
+        events += apply(session, cascade, launcher_id=launcher_id, now=now)
+    return events
+
+
+def _apply_round(
+    session: Session,
+    changes: Sequence[Change],
+    launcher_id: int | None,
+    batch_job_id: int | None,
+    now: float,
+    skip_killed: bool,
+) -> list[TransitionEvent]:
+    states = current_states(session, [c.task_id for c in changes])
+    groups: dict[tuple[State, State], list[int]] = defaultdict(list)
+    accepted: list[tuple[Change, State]] = []
+    for change in changes:
+        src = states.get(change.task_id)
+        if src is None:
+            raise NotFound(f"no task with id {change.task_id}")
+        if src is State.USER_KILLED and skip_killed:
+            continue
+        check_transition(src, change.to_state, change.task_id)
+        groups[(src, change.to_state)].append(change.task_id)
+        accepted.append((change, src))
+    for (src, dst), ids in groups.items():
+        for part in chunks(ids):
+            result = session.execute(
+                update(Task)
+                .where(Task.id.in_(part), Task.state == src.value)
+                .values(state=dst.value, state_time=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != len(part):  # pragma: no cover - guarded by row locks
+                raise RuntimeError(f"concurrent state change on tasks {list(part)[:10]}")
+    codes = [
+        {"b_id": c.task_id, "b_rc": c.return_code} for c, _ in accepted if c.return_code is not None
+    ]
+    if codes:
+        session.execute(
+            update(Task.__table__)
+            .where(Task.__table__.c.id == bindparam("b_id"))
+            .values(return_code=bindparam("b_rc")),
+            codes,
+        )
+    events = [
+        TransitionEvent(c.task_id, src, c.to_state, now, c.message, launcher_id)
+        for c, src in accepted
+    ]
+    record_events(session, events, batch_job_id)
+    return events
+
+
+def record_events(
+    session: Session, events: Sequence[TransitionEvent], batch_job_id: int | None = None
+) -> None:
+    """Insert TaskEvent rows for *events* in one statement."""
+    bulk_insert(
+        session,
+        TaskEvent.__table__,
+        {
+            "task_id": [e.task_id for e in events],
+            "time": [e.time for e in events],
+            "from_state": [e.from_state.value if e.from_state else None for e in events],
+            "to_state": [e.to_state.value for e in events],
+            "message": [e.message for e in events],
+            "launcher_id": [e.launcher_id for e in events],
+            "batch_job_id": [batch_job_id] * len(events),
+        },
+    )
+
+
+def _dag_rules(session: Session, events: Sequence[TransitionEvent]) -> list[Change]:
+    """The changes the DAG rules call for after *events*."""
+    finished = [e.task_id for e in events if e.to_state is State.JOB_FINISHED]
+    failed = [e.task_id for e in events if e.to_state is State.FAILED]
+    killed = [e.task_id for e in events if e.to_state is State.USER_KILLED]
+    changes: list[Change] = []
+    if finished:
+        ready = ready_children(session, finished)
+        changes += [Change(c, State.READY, "all parents finished") for c in ready]
+    waiting = (State.CREATED.value, State.AWAITING_PARENTS.value)
+    cascades = ((failed, State.FAILED, "failed"), (killed, State.USER_KILLED, "was killed"))
+    for parents, state, verb in cascades:
+        seen: set[int] = set()
+        for part in chunks(parents):
+            rows = session.execute(
+                select(TaskDependency.child_id, TaskDependency.parent_id)
+                .join(Task, Task.id == TaskDependency.child_id)
+                .where(TaskDependency.parent_id.in_(part), Task.state.in_(waiting))
+            )
+            for child, parent in rows:
+                if child not in seen:
+                    seen.add(child)
+                    changes.append(Change(child, state, f"parent {parent} {verb}"))
+    return changes
+
+
+def ready_children(session: Session, parent_ids: Sequence[int]) -> list[int]:
+    """Children of *parent_ids* that are AWAITING_PARENTS and whose parents all finished."""
+    result: list[int] = []
+    for part in chunks(parent_ids):
+        children = select(TaskDependency.child_id).where(TaskDependency.parent_id.in_(part))
+        unfinished = (
+            select(TaskDependency.child_id)
+            .join(Task, Task.id == TaskDependency.parent_id)
+            .where(
+                TaskDependency.child_id.in_(children),
+                Task.state != State.JOB_FINISHED.value,
+            )
+        )
+        query = select(Task.id).where(
+            Task.id.in_(children),
+            Task.state == State.AWAITING_PARENTS.value,
+            Task.id.not_in(unfinished),
+        )
+        result += session.scalars(query)
+    return sorted(set(result))
+
+
+def unfinished_parent_counts(session: Session, child_ids: Sequence[int]) -> dict[int, int]:
+    """``{child: number of parents not JOB_FINISHED}`` for children that have any."""
+    counts: dict[int, int] = {}
+    for part in chunks(child_ids):
+        rows = session.execute(
+            select(TaskDependency.child_id, func.count())
+            .join(Task, Task.id == TaskDependency.parent_id)
+            .where(
+                TaskDependency.child_id.in_(part),
+                Task.state != State.JOB_FINISHED.value,
+            )
+            .group_by(TaskDependency.child_id)
+        )
+        counts.update((c, n) for c, n in rows)
+    return counts
