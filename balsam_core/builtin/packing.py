@@ -108,7 +108,7 @@ class _Node:
             not self.reserved
             and self.cpus >= cpus
             and len(self.gpus) >= gpus
-            and True
+            and self.share >= share - _EPS
         )
 
     @property
