@@ -3,6 +3,9 @@
 Plugins (external and built-in) import only what this module exports.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BalsamError,
     ConfigError,
@@ -49,10 +52,26 @@ from .plugin_types import (
     TransitionEvent,
 )
 from .states import RUNNABLE, BatchJobState, InvalidTransition, State
-from .transitions import Change
 from .taskspec import render_argv
-from .api import Site  # noqa: E402 - after the plain types it builds on
-from . import models  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import models
+    from .api import Site
+    from .transitions import Change
+
+#: Names imported on first use: they pull in SQLAlchemy, which plugins that only
+#: declare records (and processes that only import them) need not pay for.
+_LAZY = {"Site": ("api", "Site"), "Change": ("transitions", "Change"), "models": ("models", None)}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'balsam_core' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 

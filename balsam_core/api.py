@@ -60,8 +60,12 @@ class Site:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None) -> Site:
-        """Open the site at *path* (else ``$BALSAM_SITE``, else the cwd or a parent)."""
+        """Open the site at *path* (else ``$BALSAM_SITE``, else the cwd or a parent).
+
+        The plugins the site selects, and their settings, are checked first.
+        """
         site = cls(config_mod.load(find_site_dir(path)))
+        site.plugins.check_site(site.config)
         site.db.check_schema()
         return site
 
@@ -255,7 +259,8 @@ class Site:
             return []
         now = time.time()
         with self.transaction() as tx:
-            ids = self._insert_tasks(tx.session, rows, source, spawned_by, now)
+            ids, tx_events = self._insert_tasks(tx.session, rows, source, spawned_by, now)
+            tx.events += tx_events
         return ids
 
     def _insert_tasks(
@@ -265,7 +270,7 @@ class Site:
         source: str,
         spawned_by: int | None,
         now: float,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[TransitionEvent]]:
         app_names = {r["app"] for r in rows if r["app"] is not None}
         apps = {a.name: a for a in session.scalars(select(App).where(App.name.in_(app_names)))}
         fields = {name: taskspec.template_fields(a.command) for name, a in apps.items()}
@@ -340,7 +345,7 @@ class Site:
             for task_id, state in zip(ids, states)
         ]
         transitions.record_events(session, events)
-        return ids
+        return ids, events
 
     @staticmethod
     def _allocate_ids(session: Session, count: int) -> list[int]:

@@ -236,13 +236,19 @@ class Database:
             raise DatabaseError(f"database {safe_url(self.url)} holds no Balsam site")
         done = []
         for step in range(version + 1, migrations.SCHEMA_VERSION + 1):
-            with self.translate_errors(), self._write_engine.begin() as conn:
-                migrations.MIGRATIONS[step](conn)
-                conn.execute(
-                    Meta.__table__.update()
-                    .where(Meta.key == "schema_version")
-                    .values(value=str(step))
-                )
+            try:
+                with self.translate_errors(), self._write_engine.begin() as conn:
+                    migrations.MIGRATIONS[step](conn)
+                    conn.execute(
+                        Meta.__table__.update()
+                        .where(Meta.key == "schema_version")
+                        .values(value=str(step))
+                    )
+            except sa_exc.DBAPIError as exc:
+                raise DatabaseError(
+                    f"schema upgrade step {step} failed and was rolled back "
+                    f"(database stays at version {step - 1}): {self._describe(exc)}"
+                ) from exc
             done.append(step)
         return done
 

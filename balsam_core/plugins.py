@@ -145,7 +145,7 @@ class PluginManager:
 
     def _broken(self, provider: Provider, error: str) -> bool:
         self.broken.append(BrokenPlugin(provider, error))
-        log.warning("plugin %s is broken and was not loaded: %s", provider, error)
+        log.warning("warning: plugin %s is broken and was not loaded: %s", provider, error)
         return False
 
     # ------------------------------------------------------------------ records
