@@ -20,6 +20,7 @@ Every call runs in one transaction: on any error nothing is written.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -112,13 +113,21 @@ class Site:
         # Validate the exact text we are about to write, before creating anything.
         config = config_mod.from_dict(config_mod.tomllib.loads(text_), site_dir)
         site = cls(config, plugins)
+        existed = site_dir.exists()
         make_site_dir(site_dir)
-        (site_dir / config_mod.CONFIG_NAME).write_text(text_)
-        if site.db.is_sqlite and site.db.url.database:
-            db_file = Path(site.db.url.database)
-            db_file.touch(mode=0o600, exist_ok=True)
-            db_file.chmod(0o600)
-        site.db.create_schema()
+        try:
+            if site.db.is_sqlite and site.db.url.database:
+                db_file = Path(site.db.url.database)
+                db_file.parent.mkdir(parents=True, exist_ok=True)
+                db_file.touch(mode=0o600, exist_ok=True)
+                db_file.chmod(0o600)
+            site.db.create_schema()
+            # Written last: a directory with a balsam.toml is a complete site.
+            (site_dir / config_mod.CONFIG_NAME).write_text(text_)
+        except BaseException:
+            site.db.dispose()
+            shutil.rmtree(site_dir) if not existed else _empty(site_dir)
+            raise
         return site
 
     @property
@@ -611,6 +620,12 @@ class Site:
                 s.execute(update(Task).where(Task.spawned_by.in_(part)).values(spawned_by=None))
                 s.execute(delete(Task).where(Task.id.in_(part)))
         return len(ids)
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything inside *directory* (a failed ``init`` into an empty one)."""
+    for child in directory.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 class _Tx:

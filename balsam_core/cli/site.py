@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from ..api import Site
+from ..config import load
+from ..site import find_site_dir
 from .common import Context, echo_json, pass_ctx
 
 
@@ -54,13 +56,9 @@ def info_command(ctx: Context, as_json: bool) -> None:
 
 
 @site_group.command("upgrade")
-@click.option("--site", "site_path", type=click.Path(file_okay=False), help="Site directory.")
 @pass_ctx
-def upgrade_command(ctx: Context, site_path: str | None) -> None:
+def upgrade_command(ctx: Context) -> None:
     """Bring the site database's schema up to this Balsam's version."""
-    from ..config import load
-    from ..site import find_site_dir
-
-    site = Site(load(find_site_dir(site_path or ctx.site_path)))
+    site = Site(load(find_site_dir(ctx.site_path)))
     done = site.db.upgrade()
     click.echo(f"Applied schema steps {done}" if done else "Schema is up to date")
