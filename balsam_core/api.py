@@ -123,7 +123,9 @@ class Site:
                 db_file.chmod(0o600)
             site.db.create_schema()
             # Written last: a directory with a balsam.toml is a complete site.
-            (site_dir / config_mod.CONFIG_NAME).write_text(text_)
+            config_file = site_dir / config_mod.CONFIG_NAME
+            config_file.touch(mode=0o600)  # it may hold a database password
+            config_file.write_text(text_)
         except BaseException:
             site.db.dispose()
             shutil.rmtree(site_dir) if not existed else _empty(site_dir)
@@ -245,30 +247,33 @@ class Site:
         """Add one task; keyword arguments are the task fields (see :mod:`taskspec`)."""
         if app is not None:
             spec["app"] = app
-        (task_id,) = self.add_tasks([spec], source="task")
+        (task_id,) = self.add_tasks([spec], labels=["new task"])
         return self.task(task_id)
 
     def add_tasks(
         self,
         specs: Iterable[Mapping[str, Any]],
         *,
-        source: str = "task",
+        labels: Sequence[str] | None = None,
         spawned_by: int | None = None,
     ) -> list[int]:
         """Add many tasks in one transaction; return their ids in order.
 
         Each spec is a mapping of task fields.  Errors name the spec as
-        ``<source> N`` (N counted from 1) and nothing is written.
+        ``new task #N`` (N counted from 1), or by its entry in *labels* (e.g.
+        ``tasks.jsonl line 7``), and nothing is written.
         """
-        rows = [
-            taskspec.normalize_task(spec, f"{source} {i}")
-            for i, spec in enumerate(specs, 1)
-        ]
+        specs = list(specs)
+        if labels is None:
+            labels = [f"new task #{i}" for i in range(1, len(specs) + 1)]
+        elif len(labels) != len(specs):
+            raise ValueError("add_tasks: one label per spec")
+        rows = [taskspec.normalize_task(spec, where) for spec, where in zip(specs, labels)]
         if not rows:
             return []
         now = time.time()
         with self.transaction() as tx:
-            ids, tx_events = self._insert_tasks(tx.session, rows, source, spawned_by, now)
+            ids, tx_events = self._insert_tasks(tx.session, rows, labels, spawned_by, now)
             tx.events += tx_events
         return ids
 
@@ -276,7 +281,7 @@ class Site:
         self,
         session: Session,
         rows: list[dict[str, Any]],
-        source: str,
+        labels: Sequence[str],
         spawned_by: int | None,
         now: float,
     ) -> tuple[list[int], list[TransitionEvent]]:
@@ -285,13 +290,12 @@ class Site:
         fields = {name: taskspec.template_fields(a.command) for name, a in apps.items()}
         parent_ids = sorted({p for r in rows for p in r["parents"]})
         parent_states = transitions.current_states(session, parent_ids, lock=False)
-        for i, row in enumerate(rows, 1):
-            where = f"{source} {i}"
+        for where, row in zip(labels, rows):
             name = row.pop("app")
             if name is not None:
                 if name not in apps:
                     known = ", ".join(sorted(session.scalars(select(App.name)))) or "none"
-                    raise NotFound(f"{where}: no app named '{name}' (apps: {known})")
+                    raise ValidationError(f"{where}: no app named '{name}' (apps: {known})")
                 if row["parameters"].keys() != fields[name]:
                     taskspec.check_parameters(name, fields[name], row["parameters"], where)
                 row["app_id"] = apps[name].id
@@ -300,7 +304,7 @@ class Site:
             for parent in row["parents"]:
                 state = parent_states.get(parent)
                 if state is None:
-                    raise NotFound(f"{where}: parent task {parent} does not exist")
+                    raise ValidationError(f"{where}: parent task {parent} does not exist")
                 if state in (State.FAILED, State.USER_KILLED):
                     raise ValidationError(
                         f"{where}: parent task {parent} is {state.value}; retry it first"
@@ -675,7 +679,7 @@ def _parent_rows(session: Session, children: Sequence[int]) -> list[tuple[int, i
             select(TaskDependency.child_id, TaskDependency.parent_id).where(
                 TaskDependency.child_id.in_(children)
             )
-        ).tuples()
+        ).all()
     )
 
 
@@ -739,7 +743,7 @@ def spawn_child(app: str | None = None, **spec: Any) -> Task:
     spec.setdefault("workflow", site.task(me).workflow)
     if app is not None:
         spec["app"] = app
-    (task_id,) = site.add_tasks([spec], source=f"task {me}: child", spawned_by=me)
+    (task_id,) = site.add_tasks([spec], labels=[f"child of task {me}"], spawned_by=me)
     return site.task(task_id)
 
 

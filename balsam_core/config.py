@@ -9,6 +9,7 @@ into the dataclass the owning plugin declares, with the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -246,6 +247,8 @@ def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _type_error(source, where, "a finite number", value)
             return float(value)
         raise _type_error(source, where, "a number", value)
     expected = {bool: "true or false", int: "an integer", str: "a string"}
@@ -261,7 +264,8 @@ def _type_error(source: str, where: str, expected: str, value: Any) -> ConfigErr
 
 
 def _describe(value: Any) -> str:
-    kind = {dict: "a table", list: "a list", bool: "a boolean", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    kind = {
+        dict: "a table", list: "a list", bool: "a boolean", str: "a string",
+        int: "an integer", float: "a number",
+    }.get(type(value), type(value).__name__)
     return f"{kind} {value!r}" if not isinstance(value, (dict, list)) else kind

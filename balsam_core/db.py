@@ -177,7 +177,8 @@ class Database:
 
     def _describe(self, exc: sa_exc.DBAPIError) -> str:
         where = safe_url(self.url)
-        text = " ".join(str(exc.orig).split()) if exc.orig is not None else str(exc)
+        raw = str(exc.orig) if exc.orig is not None else str(exc)
+        text = "; ".join(" ".join(line.split()) for line in raw.splitlines() if line.strip())
         if self.url.password:
             text = text.replace(str(self.url.password), "***")
         if "database is locked" in text:
@@ -232,8 +233,9 @@ class Database:
     def upgrade(self) -> list[int]:
         """Run the missing migration steps, each in its own transaction; return them."""
         version = self.schema_version()
-        if version is None:
-            raise DatabaseError(f"database {safe_url(self.url)} holds no Balsam site")
+        if version is None or version > migrations.SCHEMA_VERSION:
+            self.check_schema()  # raises the message for either case
+        assert version is not None
         done = []
         for step in range(version + 1, migrations.SCHEMA_VERSION + 1):
             try:

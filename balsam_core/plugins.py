@@ -206,14 +206,7 @@ class PluginManager:
         """Build the implementation of *kind* named *name* for *site*."""
         registered = self.get(kind, name)
         record = registered.record
-        settings = None
-        if record.settings is not None:
-            table = site.plugins.get(name, {})
-            settings = config_mod.build(record.settings, table, str(site.path), f"plugins.{name}")
-        elif name in site.plugins and site.plugins[name]:
-            raise ConfigError(
-                f"{site.path}: [plugins.{name}]: plugin {registered.provider} takes no settings"
-            )
+        settings = self._settings(registered, site)
         try:
             return record.factory(PluginContext(site.site_dir, site, settings))
         except (ConfigError, PluginError):
@@ -229,12 +222,26 @@ class PluginManager:
         and on ``[plugins.X]`` settings that the selected plugin rejects."""
         for kind, names in site.selections().items():
             for name in names:
-                record = self.get(kind, name).record
-                if record.settings is not None:
-                    config_mod.build(
-                        record.settings, site.plugins.get(name, {}), str(site.path),
-                        f"plugins.{name}",
-                    )
+                try:
+                    registered = self.get(kind, name)
+                except PluginError as exc:
+                    raise PluginError(f"{site.path}: {exc}") from None
+                self._settings(registered, site)
+
+    def _settings(self, registered: Registered, site: config_mod.SiteConfig) -> Any:
+        """The record's ``[plugins.<name>]`` settings, built and checked (None if it has none)."""
+        record = registered.record
+        if record.settings is not None:
+            table = site.plugins.get(record.name, {})
+            return config_mod.build(
+                record.settings, table, str(site.path), f"plugins.{record.name}"
+            )
+        if site.plugins.get(record.name):
+            raise ConfigError(
+                f"{site.path}: [plugins.{record.name}]: plugin {registered.provider} "
+                "takes no settings"
+            )
+        return None
 
     # ------------------------------------------------------------------ observers
 

@@ -88,7 +88,10 @@ def add_command(ctx: Context, app: str | None, jsonl: Any, quiet: bool, **opts: 
     if jsonl is not None:
         if app or opts["command"]:
             raise click.UsageError("--jsonl cannot be combined with APP or --command")
-        ids = site.add_tasks(_read_jsonl(jsonl), source=f"{jsonl.name} line")
+        numbered = _read_jsonl(jsonl)
+        ids = site.add_tasks(
+            [spec for _, spec in numbered], labels=[f"{jsonl.name} line {n}" for n, _ in numbered]
+        )
         click.echo("\n".join(map(str, ids)) if quiet else f"Added {len(ids)} tasks: {_ranges(ids)}")
         return
     spec: dict[str, Any] = {
@@ -102,6 +105,8 @@ def add_command(ctx: Context, app: str | None, jsonl: Any, quiet: bool, **opts: 
         "post_timeout_handler": opts["post_timeout_handler"],
         "auto_timeout_retry": opts["auto_timeout_retry"], "max_retries": opts["max_retries"],
     }
+    if app is not None and opts["command"] is not None:
+        raise click.UsageError("give an APP or --command, not both")
     if app is not None:
         spec["app"] = app
         spec["parameters"] = parse_pairs(opts["params"], "--param")
@@ -117,7 +122,8 @@ def add_command(ctx: Context, app: str | None, jsonl: Any, quiet: bool, **opts: 
     click.echo(task_id if quiet else f"Added task {task_id} ({task.name}) in {task.state}")
 
 
-def _read_jsonl(stream: Any) -> list[dict[str, Any]]:
+def _read_jsonl(stream: Any) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, spec)`` for every non-blank line."""
     specs = []
     for number, line in enumerate(stream, 1):
         if not line.strip():
@@ -128,7 +134,7 @@ def _read_jsonl(stream: Any) -> list[dict[str, Any]]:
             raise ValidationError(f"{stream.name} line {number}: invalid JSON: {exc.msg}") from None
         if not isinstance(spec, dict):
             raise ValidationError(f"{stream.name} line {number}: expected a JSON object")
-        specs.append(spec)
+        specs.append((number, spec))
     if not specs:
         raise ValidationError(f"{stream.name}: no tasks in file")
     return specs
