@@ -52,6 +52,7 @@ from .plugin_types import (
     TransitionEvent,
 )
 from .states import RUNNABLE, BatchJobState, InvalidTransition, State
+from .recovery import decide_chain, describe_exit
 from .taskspec import render_argv
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,5 +126,7 @@ __all__ = [
     "hookimpl",
     "models",
     "render_argv",
+    "decide_chain",
+    "describe_exit",
     "__version__",
 ]

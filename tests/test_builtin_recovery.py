@@ -17,7 +17,7 @@ from balsam_core import (
     TaskFailure,
 )
 from balsam_core.builtin import recovery
-from balsam_core.builtin.recovery import decide_chain
+from balsam_core import decide_chain
 from balsam_core.config import from_dict
 
 A = RecoveryAction

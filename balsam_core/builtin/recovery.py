@@ -1,8 +1,8 @@
-"""Built-in recovery policies and the chain that combines them (pure: no I/O, no clock).
+"""Built-in recovery policies (pure: no I/O, no clock).
 
 ``[recovery] chain`` lists policies by name; for a failed or timed-out run the
-launcher asks them in order through :func:`decide_chain`, and the first one that
-decides wins.  Policies here take their knobs from ``[recovery]`` (max_retries,
+launcher asks them in order through :func:`balsam_core.decide_chain`, and the first
+one that decides wins.  Policies here take their knobs from ``[recovery]`` (max_retries,
 transient_exit_codes, transient_signals, backoff_s):
 
 * ``app-handler`` — the app's own error or timeout handler runs (HANDLE) when the task
@@ -16,17 +16,14 @@ transient_exit_codes, transient_signals, backoff_s):
 
 from __future__ import annotations
 
-import signal as _signal
-from collections.abc import Sequence
-
 from balsam_core import (
     PluginContext,
     RecoveryAction,
     RecoveryDecision,
-    RecoveryPolicy,
     RecoveryPolicyPlugin,
     State,
     TaskFailure,
+    describe_exit,
     hookimpl,
 )
 
@@ -35,31 +32,7 @@ __all__ = [
     "RetryTimeout",
     "RetryTransient",
     "balsam_recovery_policies",
-    "decide_chain",
-    "describe_exit",
 ]
-
-#: Lines of the task's stderr quoted in a FAIL message.
-TAIL_LINES = 10
-
-
-def describe_exit(failure: TaskFailure) -> str:
-    """How the run ended, e.g. ``"exit code 1"``, ``"killed by signal 9 (SIGKILL)"``."""
-    if failure.state == State.RUN_TIMEOUT:
-        how = "timed out"
-        return how if failure.return_code is None else f"{how}, {_code(failure)}"
-    return "no exit code" if failure.return_code is None else _code(failure)
-
-
-def _code(failure: TaskFailure) -> str:
-    sig = failure.signal
-    if sig is None:
-        return f"exit code {failure.return_code}"
-    try:
-        return f"killed by signal {sig} ({_signal.Signals(sig).name})"
-    except ValueError:
-        return f"killed by signal {sig}"
-
 
 class AppHandler:
     """``app-handler``: HANDLE errors and timeouts the app's postprocess step asked for."""
@@ -144,26 +117,6 @@ class RetryTransient:
             f"retry {failure.num_retries + 1} of {self.max_retries} in {delay:g} s",
             delay_s=delay,
         )
-
-
-def decide_chain(policies: Sequence[RecoveryPolicy], failure: TaskFailure) -> RecoveryDecision:
-    """The first decision of *policies* for *failure*; FAIL when none decides.
-
-    The FAIL message says how the run ended (exit code or signal name), how many
-    retries were used, and quotes the last :data:`TAIL_LINES` lines of its stderr.
-    """
-    for policy in policies:
-        decision = policy.decide(failure)
-        if decision is not None:
-            return decision
-    what = "timed out" if failure.state == State.RUN_TIMEOUT else "failed"
-    message = f"task {failure.task_id} {what}: {describe_exit(failure)}"
-    if failure.num_retries:
-        message += f" (after {failure.num_retries} retries)"
-    tail = failure.stderr_tail.rstrip().splitlines()[-TAIL_LINES:]
-    if tail:
-        message += "\nstderr (last lines):\n" + "\n".join(tail)
-    return RecoveryDecision(RecoveryAction.FAIL, message)
 
 
 @hookimpl

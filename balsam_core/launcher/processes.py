@@ -1,0 +1,233 @@
+"""Starting task processes, waking on their exit, and ending whole process trees.
+
+Each task runs in its own session (so its process group holds everything it forks,
+unless a descendant makes a session of its own, which psutil still finds by
+ancestry).  Exits are watched through Linux pidfds in a selector, together with a
+wake-up pipe: the launcher sleeps until a child exits, a deadline passes, or another
+thread (or a signal handler) pokes it — never in fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class Running:
+    """A started task process."""
+
+    task_id: int
+    popen: subprocess.Popen[bytes]
+    started: float
+    #: Epoch seconds after which the task is out of wall time (None: no limit).
+    deadline: float | None
+    stderr_path: Path
+    pidfd: int
+    #: Why the launcher is ending it ("timeout", "killed", "shutdown"), if it is.
+    ending: str | None = None
+    kill_at: float | None = None
+    tree: list[psutil.Process] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """A task process that ended, and how."""
+
+    task_id: int
+    return_code: int
+    started: float
+    ended: float
+    ending: str | None
+    stderr_path: Path
+
+
+class ProcessGroup:
+    """The launcher's running task processes."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.grace_s = grace_s
+        self._running: dict[int, Running] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    @property
+    def wake_fd(self) -> int:
+        """Write a byte here (e.g. ``signal.set_wakeup_fd``) to wake :meth:`wait`."""
+        return self._wake_w
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already awake
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def __contains__(self, task_id: int) -> bool:
+        return task_id in self._running
+
+    def start(
+        self,
+        task_id: int,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        wall_time_s: float | None,
+    ) -> Running:
+        """Start *argv* in *cwd* with stdout/stderr to files there.
+
+        Raises OSError (e.g. FileNotFoundError for a missing executable) without
+        leaving anything running.
+        """
+        stdout = open(cwd / "stdout", "ab")
+        stderr_path = cwd / "stderr"
+        stderr = open(stderr_path, "ab")
+        try:
+            popen = subprocess.Popen(
+                list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+                stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
+            )
+        finally:
+            stdout.close()
+            stderr.close()
+        now = time.time()
+        pidfd = os.pidfd_open(popen.pid)
+        running = Running(
+            task_id, popen, now, now + wall_time_s if wall_time_s else None, stderr_path, pidfd
+        )
+        self._running[task_id] = running
+        self._selector.register(pidfd, selectors.EVENT_READ, task_id)
+        return running
+
+    def wait(self, timeout: float | None) -> list[Exited]:
+        """Sleep until a task exits, :meth:`wake` is called or *timeout* passes; reap."""
+        deadline = self._next_deadline()
+        if deadline is not None:
+            until = max(0.0, deadline - time.time())
+            timeout = until if timeout is None else min(timeout, until)
+        events = self._selector.select(timeout)
+        for key, _ in events:
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        self._escalate()
+        return self.reap()
+
+    def reap(self) -> list[Exited]:
+        """Collect every task process that has ended (without blocking)."""
+        exited = []
+        for task_id, running in list(self._running.items()):
+            code = running.popen.poll()
+            if code is None:
+                continue
+            self._forget(running)
+            _kill_leftovers(running)
+            exited.append(
+                Exited(task_id, code, running.started, time.time(), running.ending,
+                       running.stderr_path)
+            )
+        return exited
+
+    def overdue(self, now: float) -> list[int]:
+        """Tasks past their wall time that are not being ended yet."""
+        return [
+            r.task_id for r in self._running.values()
+            if r.ending is None and r.deadline is not None and now >= r.deadline
+        ]
+
+    def end(self, task_id: int, reason: str) -> None:
+        """SIGTERM the task's whole tree now; SIGKILL what is left after the grace period."""
+        running = self._running.get(task_id)
+        if running is None or running.ending is not None:
+            return
+        running.ending = reason
+        running.tree = _tree(running.popen.pid)
+        _signal_all(running.popen.pid, running.tree, signal.SIGTERM)
+        running.kill_at = time.time() + self.grace_s
+
+    def end_all(self, reason: str, timeout: float) -> list[Exited]:
+        """End every task and wait (at most *timeout*, then SIGKILL) until all exited."""
+        for task_id in list(self._running):
+            self.end(task_id, reason)
+        exited = self.reap()
+        stop = time.time() + timeout
+        while self._running and time.time() < stop:
+            exited += self.wait(0.05)
+        for running in list(self._running.values()):
+            running.kill_at = 0.0
+        self._escalate()
+        while self._running:
+            exited += self.wait(0.05)
+        return exited
+
+    def _escalate(self) -> None:
+        now = time.time()
+        for running in self._running.values():
+            if running.kill_at is not None and now >= running.kill_at:
+                running.tree = [p for p in running.tree if p.is_running()]
+                _signal_all(running.popen.pid, running.tree, signal.SIGKILL)
+                running.kill_at = None
+
+    def _next_deadline(self) -> float | None:
+        times = [r.kill_at for r in self._running.values() if r.kill_at is not None]
+        times += [r.deadline for r in self._running.values() if r.deadline and r.ending is None]
+        return min(times) if times else None
+
+    def _forget(self, running: Running) -> None:
+        self._running.pop(running.task_id, None)
+        self._selector.unregister(running.pidfd)
+        os.close(running.pidfd)
+
+    def close(self) -> None:
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _signal_all(pid: int, tree: Sequence[psutil.Process], sig: int) -> None:
+    """Signal the task's process group, then every descendant found by ancestry."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for proc in tree:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _kill_leftovers(running: Running) -> None:
+    """A task is over when its main process is: nothing it started may keep running."""
+    try:
+        os.killpg(running.popen.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for proc in running.tree:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
