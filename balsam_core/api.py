@@ -499,10 +499,12 @@ class Site:
         if workflow is not None:
             query = query.where(Task.workflow == workflow)
         for key, value in (tags or {}).items():
+            # Correlated EXISTS: checked per candidate row through the tag table's primary
+            # key, instead of materializing every task carrying a common tag.
             query = query.where(
-                Task.id.in_(
-                    select(TaskTag.task_id).where(TaskTag.key == key, TaskTag.value == str(value))
-                )
+                select(TaskTag.task_id)
+                .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == str(value))
+                .exists()
             )
         if parent is not None:
             query = query.where(

@@ -1,0 +1,405 @@
+"""The pilot's hot loop: lease, place, start, watch, report — one transaction per tick.
+
+The loop sleeps only in :meth:`ProcessGroup.wait`, which returns as soon as a task
+exits, a wall-time or kill deadline passes, a signal arrives, or the processing
+thread makes tasks runnable; so a finished task's slot is reused within the same
+tick.  Pre/post-processing runs in a worker thread (:mod:`balsam_core.processing`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import Site
+from ..errors import BalsamError, DatabaseError
+from ..plugin_types import (
+    LauncherInfo,
+    LaunchSpec,
+    LeasedTask,
+    MpiLauncher,
+    NodeSpec,
+    PackingStrategy,
+    StateUpdate,
+    TaskSource,
+)
+from ..site import SITE_ENV
+from ..states import State
+from .nodes import NodePool
+from .processes import Exited, ProcessGroup
+
+log = logging.getLogger(__name__)
+
+TASK_ENV = "BALSAM_TASK_ID"
+
+
+@dataclass(frozen=True)
+class LauncherOptions:
+    """How one launcher runs (from ``balsam launcher`` options and ``balsam.toml``)."""
+
+    nodes: tuple[NodeSpec, ...]
+    #: Epoch seconds when the allocation ends (None: never).
+    end_time: float | None = None
+    #: Exit after this long with nothing running and nothing runnable (None: never).
+    idle_timeout_s: float | None = None
+    workflow: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    batch_job_id: int | None = None
+    #: Seconds between polls for new runnable tasks while slots are free.
+    poll_s: float = 0.2
+    #: SIGTERM-to-SIGKILL grace when ending a task.
+    grace_s: float = 5.0
+    #: How long the reporter gathers updates before writing them in one transaction.
+    flush_s: float = 0.02
+    #: Runnable tasks leased ahead of free slots, so a freed slot is refilled at once.
+    prefetch: int = 64
+    #: Stop starting tasks this long before the allocation ends.
+    margin_s: float = 5.0
+
+
+class Reporter:
+    """Writes state updates from a background thread, one transaction per flush.
+
+    The hot loop only appends; ids the task source refuses (killed, lease lost) come
+    back through :meth:`refused` and wake the loop.
+    """
+
+    def __init__(self, source: TaskSource, launcher_id: int, wake: Any, flush_s: float) -> None:
+        self.source, self.launcher_id, self.wake, self.flush_s = source, launcher_id, wake, flush_s
+        self._pending: list[StateUpdate] = []
+        self._refused: list[int] = []
+        self._lock = threading.Lock()
+        self._has_work = threading.Event()
+        self._closing = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="balsam-reporter", daemon=True)
+        self._thread.start()
+
+    def add(self, updates: Sequence[StateUpdate]) -> None:
+        if updates:
+            with self._lock:
+                self._pending.extend(updates)
+            self._has_work.set()
+
+    def refused(self) -> list[int]:
+        with self._lock:
+            ids, self._refused = self._refused, []
+        return ids
+
+    def _run(self) -> None:
+        while True:
+            self._has_work.wait()
+            if not self._closing:
+                time.sleep(self.flush_s)  # gather what else finishes meanwhile
+            self._has_work.clear()
+            self._flush()
+            if self._closing and not self._pending:
+                return
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        delay = 0.1
+        while True:
+            try:
+                refused = self.source.report(self.launcher_id, batch)
+                break
+            except DatabaseError as exc:
+                log.warning("reporting %d updates: %s (retrying in %.1f s)", len(batch), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except BaseException as exc:  # a bug: keep it for the main thread to raise
+                self.error = exc
+                self.wake()
+                return
+        if refused:
+            with self._lock:
+                self._refused.extend(refused)
+            self.wake()
+
+    def close(self) -> None:
+        """Flush everything still pending and stop the thread."""
+        self._closing = True
+        self._has_work.set()
+        self._thread.join()
+
+
+@dataclass
+class LauncherStats:
+    started: int = 0
+    finished: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+
+class Launcher:
+    """Runs tasks from a task source on a pool of nodes until told to stop."""
+
+    def __init__(
+        self,
+        site: Site,
+        options: LauncherOptions,
+        *,
+        source: TaskSource | None = None,
+        packing: PackingStrategy | None = None,
+        mpi: MpiLauncher | None = None,
+        processor: Any = None,
+    ) -> None:
+        cfg = site.config
+        self.site = site
+        self.options = options
+        self.source: TaskSource = source or site.plugins.create(
+            "task_source", cfg.task_source.use, cfg
+        )
+        self.packing: PackingStrategy = packing or site.plugins.create(
+            "packing_strategy", cfg.packing.use, cfg
+        )
+        self.mpi: MpiLauncher = mpi or site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
+        self.mpi.check()
+        self.processor = processor
+        self.pool = NodePool(options.nodes)
+        self.procs = ProcessGroup(grace_s=options.grace_s)
+        self.queue: dict[int, LeasedTask] = {}
+        self.stats = LauncherStats()
+        self.launcher_id = 0
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
+        self._base_env[SITE_ENV] = str(site.site_dir)
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to end (thread- and signal-safe)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+        self.procs.wake()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the run cleanly (running tasks -> RUN_TIMEOUT)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _f: self.stop(f"received {signal.Signals(s).name}"))
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> LauncherStats:
+        """Run until the allocation ends, the idle timeout passes, or :meth:`stop`."""
+        self.launcher_id = self.source.register(
+            LauncherInfo(
+                host=socket.gethostname(), pid=os.getpid(), mode="mpi",
+                batch_job_id=self.options.batch_job_id, workflow=self.options.workflow,
+                tags=dict(self.options.tags),
+            )
+        )
+        log.info("launcher %d started on %d node(s)", self.launcher_id, len(self.options.nodes))
+        self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
+        worker = self._start_processor()
+        heartbeat_s = self.site.config.launcher.heartbeat_s
+        next_heartbeat = time.time() + heartbeat_s
+        next_poll = 0.0
+        idle_since = time.time()
+        updates: list[StateUpdate] = []
+        try:
+            while not self._stop.is_set():
+                now = time.time()
+                if self.reporter.error is not None:
+                    raise self.reporter.error
+                for task_id in self.reporter.refused():
+                    self.procs.end(task_id, "killed")
+                for task_id in self.procs.overdue(now):
+                    self.procs.end(task_id, "timeout")
+                if now >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = now + heartbeat_s
+                if self._out_of_time(now):
+                    self.stop("allocation ends")
+                    break
+                room = self._has_room()
+                if room and now >= next_poll and len(self.queue) < self._slots():
+                    next_poll = now + (0.0 if self._lease() else self.options.poll_s)
+                updates += self._start_placed(now)
+                self.reporter.add(updates)
+                updates = []
+                if len(self.procs) or self.queue:
+                    idle_since = now
+                elif self._idle_too_long(now, idle_since):
+                    self.stop("idle timeout")
+                    break
+                wake_at = [next_heartbeat]
+                if room:
+                    wake_at.append(next_poll)
+                if self.options.end_time is not None:
+                    wake_at.append(self._deadline())
+                updates = self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
+        finally:
+            self._shutdown(worker, updates)
+        return self.stats
+
+    # ------------------------------------------------------------------ steps
+
+    def _has_room(self) -> bool:
+        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self.pool.free())
+
+    def _slots(self) -> int:
+        """CPU slots of the allocation: an upper bound of tasks running at once."""
+        return sum(n.cpus for n in self.options.nodes)
+
+    def _lease(self) -> int:
+        free = self.pool.free()
+        limit = self._slots() + self.options.prefetch - len(self.queue)
+        if limit <= 0:
+            return 0
+        leased = self.source.lease(self.launcher_id, free, limit)
+        for task in leased:
+            self.queue[task.task_id] = task
+        return len(leased)
+
+    def _start_placed(self, now: float) -> list[StateUpdate]:
+        if not self.queue:
+            return []
+        if self.options.end_time is not None:
+            self._drop_unfinishable(now)
+        ready = [t.requirements for t in self.queue.values()]
+        updates = []
+        for placement in self.packing.place(ready, self.pool.free(), now):
+            task = self.queue.pop(placement.task_id)
+            self.pool.take(placement, task.requirements)
+            updates += self._start(task, placement.nodes, placement.gpu_ids)
+        return updates
+
+    def _start(
+        self, task: LeasedTask, nodes: tuple[str, ...], gpu_ids: tuple[tuple[int, ...], ...]
+    ) -> list[StateUpdate]:
+        req = task.requirements
+        workdir = self.site.config.data_dir / task.workdir
+        env = {**self._base_env, **task.env, TASK_ENV: str(task.task_id)}
+        spec = LaunchSpec(
+            task_id=task.task_id, argv=task.argv, nodes=nodes,
+            ranks_per_node=req.ranks_per_node, threads_per_rank=req.threads_per_rank,
+            gpus_per_rank=req.gpus_per_rank, gpu_ids=gpu_ids, env=env,
+            mpi_flags=(*self.site.config.launcher.mpi_flags, *task.mpi_flags),
+        )
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            command = self.mpi.command(spec)
+            wall = req.wall_time_min * 60 if req.wall_time_min > 0 else None
+            self.procs.start(task.task_id, command.argv, command.env, workdir, wall)
+        except (OSError, BalsamError) as exc:
+            self.pool.release(task.task_id)
+            reason = (
+                f"executable not found: {exc.filename}"
+                if isinstance(exc, FileNotFoundError) and exc.filename
+                else f"could not start: {exc}"
+            )
+            self.stats.failed += 1
+            return [
+                StateUpdate(task.task_id, State.RUNNING, f"starting on {','.join(nodes)}"),
+                StateUpdate(task.task_id, State.RUN_ERROR, reason),
+            ]
+        self.stats.started += 1
+        return [StateUpdate(task.task_id, State.RUNNING, f"started on {','.join(nodes)}")]
+
+    def _collect(self, exited: Sequence[Exited]) -> list[StateUpdate]:
+        updates = []
+        for e in exited:
+            self.pool.release(e.task_id)
+            seconds = f"{e.ended - e.started:.3f} s"
+            if e.ending == "killed":
+                continue  # already USER_KILLED; nothing to report
+            if e.ending in ("timeout", "shutdown"):
+                why = "wall time exceeded" if e.ending == "timeout" else self._stop_reason
+                self.stats.timed_out += 1
+                updates.append(
+                    StateUpdate(e.task_id, State.RUN_TIMEOUT, f"{why} after {seconds}", e.return_code)
+                )
+            elif e.return_code == 0:
+                self.stats.finished += 1
+                updates.append(StateUpdate(e.task_id, State.RUN_DONE, f"exit 0 after {seconds}", 0))
+            else:
+                self.stats.failed += 1
+                how = (
+                    f"killed by signal {signal.Signals(-e.return_code).name}"
+                    if e.return_code < 0 and -e.return_code in signal.valid_signals()
+                    else f"exit code {e.return_code}"
+                )
+                updates.append(
+                    StateUpdate(e.task_id, State.RUN_ERROR, f"{how} after {seconds}", e.return_code)
+                )
+        return updates
+
+    def _heartbeat(self) -> None:
+        for task_id in self.source.heartbeat(self.launcher_id):
+            if task_id in self.procs:
+                self.procs.end(task_id, "killed")
+            self.queue.pop(task_id, None)
+
+    # ------------------------------------------------------------------ time
+
+    def _deadline(self) -> float:
+        assert self.options.end_time is not None
+        return self.options.end_time - self.options.margin_s
+
+    def _out_of_time(self, now: float) -> bool:
+        return self.options.end_time is not None and now >= self._deadline()
+
+    def _drop_unfinishable(self, now: float) -> None:
+        """Tasks whose wall time would run past the allocation are not started."""
+        left_min = (self._deadline() - now) / 60
+        for task_id, task in list(self.queue.items()):
+            if task.requirements.wall_time_min > left_min:
+                del self.queue[task_id]
+
+    def _idle_too_long(self, now: float, idle_since: float) -> bool:
+        limit = self.options.idle_timeout_s
+        return limit is not None and now - idle_since >= limit
+
+    # ------------------------------------------------------------------ processing thread
+
+    def _start_processor(self) -> threading.Thread | None:
+        if self.processor is None:
+            return None
+        thread = threading.Thread(target=self._process_loop, name="balsam-processing", daemon=True)
+        thread.start()
+        return thread
+
+    def _process_loop(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                moved = self.processor.process_once()
+                backoff = 0.02 if moved else min(backoff * 2, self.options.poll_s)
+                if moved:
+                    self.procs.wake()  # newly runnable tasks: lease them now
+            except DatabaseError as exc:
+                log.warning("processing: %s (retrying)", exc)
+                backoff = min(backoff * 2, 5.0)
+            self._stop.wait(backoff)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self, worker: threading.Thread | None, pending: list[StateUpdate]) -> None:
+        """Running tasks -> RUN_TIMEOUT, leases released, threads joined."""
+        if not self._stop_reason:
+            self._stop_reason = "launcher stopped"
+        self._stop.set()
+        exited = self.procs.end_all("shutdown", timeout=self.options.grace_s)
+        try:
+            self.reporter.add([*pending, *self._collect(exited)])
+            self.reporter.close()
+            self.source.release(self.launcher_id)
+        finally:
+            self.procs.close()
+            if worker is not None:
+                worker.join(timeout=30)
+        log.info("launcher %d stopped: %s", self.launcher_id, self._stop_reason)
+
