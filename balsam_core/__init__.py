@@ -51,7 +51,7 @@ from .plugin_types import (
     TaskSourcePlugin,
     TransitionEvent,
 )
-from .states import RUNNABLE, BatchJobState, InvalidTransition, State
+from .states import RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
 from .taskspec import render_argv
 
@@ -128,5 +128,6 @@ __all__ = [
     "render_argv",
     "decide_chain",
     "describe_exit",
+    "is_allowed",
     "__version__",
 ]

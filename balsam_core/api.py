@@ -176,7 +176,11 @@ class Site:
 
     def set_state(self, task_id: int, state: str | State, message: str = "") -> None:
         """Move one task to *state* (e.g. from an error handler deciding the outcome)."""
-        self.transition([Change(task_id, parse_state(state), message)])
+        try:
+            target = parse_state(state)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        self.transition([Change(task_id, target, message)])
 
     # ------------------------------------------------------------------ apps
 
@@ -353,8 +357,9 @@ class Site:
             bulk_insert(
                 session, TaskTag.__table__, {"task_id": task_col, "key": key_col, "value": value_col}
             )
+        message = "created" if spawned_by is None else f"spawned by task {spawned_by}"
         events = [
-            TransitionEvent(task_id, State.CREATED, state, now, "created")
+            TransitionEvent(task_id, State.CREATED, state, now, message)
             for task_id, state in zip(ids, states)
         ]
         transitions.record_events(session, events)
@@ -370,15 +375,18 @@ class Site:
                     {"n": count},
                 )
             )
-        # SQLite: the caller holds the write lock (BEGIN IMMEDIATE), so max(id) is stable.
-        start = (session.scalar(select(func.max(Task.id))) or 0) + 1
+        # SQLite: the caller holds the write lock (BEGIN IMMEDIATE), so the counter is
+        # stable; AUTOINCREMENT's counter never goes down, so a deleted task's id (and
+        # its default working directory) is never handed out again.
+        used = session.scalar(text("SELECT seq FROM sqlite_sequence WHERE name = 'task'")) or 0
+        start = max(used, session.scalar(select(func.max(Task.id))) or 0) + 1
         return list(range(start, start + count))
 
     # ------------------------------------------------------------------ dependencies
 
     def add_dependency(self, child: int, parents: int | Sequence[int]) -> None:
         """Make *child* wait for *parents*; a dependency that closes a cycle is refused."""
-        parents = [parents] if isinstance(parents, int) else list(parents)
+        parents = sorted({parents} if isinstance(parents, int) else set(parents))
         with self.transaction() as tx:
             s = tx.session
             states = transitions.current_states(s, [child, *parents])
@@ -561,7 +569,7 @@ class Site:
         A FAILED task goes back to READY (or AWAITING_PARENTS while a parent is
         unfinished); a task in RUN_ERROR / RUN_TIMEOUT to RESTART_READY.
         """
-        ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        ids = list(dict.fromkeys([task_ids] if isinstance(task_ids, int) else task_ids))
         with self.transaction() as tx:
             s = tx.session
             states = transitions.current_states(s, ids)
@@ -615,6 +623,14 @@ class Site:
                             f"task {waiting[1]} has dependant task {waiting[0]} still to run: "
                             "delete or kill it too"
                         )
+            orphans = set()
+            for part in chunks(ids):
+                orphans |= set(
+                    s.scalars(
+                        select(TaskDependency.child_id).where(TaskDependency.parent_id.in_(part))
+                    )
+                )
+            orphans -= set(ids)
             for part in chunks(ids):
                 for model, column in (
                     (TaskEvent, TaskEvent.task_id),
@@ -625,6 +641,16 @@ class Site:
                     s.execute(delete(model).where(column.in_(part)))
                 s.execute(update(Task).where(Task.spawned_by.in_(part)).values(spawned_by=None))
                 s.execute(delete(Task).where(Task.id.in_(part)))
+            # Dependants that waited only for deleted (or finished) parents can run now.
+            waiting = transitions.current_states(s, sorted(orphans))
+            still = transitions.unfinished_parent_counts(s, sorted(orphans))
+            tx.apply(
+                [
+                    Change(c, State.READY, "remaining parents finished (others deleted)")
+                    for c, state in waiting.items()
+                    if state is State.AWAITING_PARENTS and not still.get(c)
+                ]
+            )
         return len(ids)
 
 
@@ -712,8 +738,9 @@ _current: Site | None = None
 def current_site() -> Site:
     """The site of the running task (``$BALSAM_SITE``), opened once per process."""
     global _current
-    if _current is None or os.environ.get(SITE_ENV) != str(_current.site_dir):
-        _current = Site.open(os.environ.get(SITE_ENV) or None)
+    wanted = find_site_dir(os.environ.get(SITE_ENV) or None)
+    if _current is None or wanted != _current.site_dir:
+        _current = Site.open(wanted)
     return _current
 
 

@@ -151,6 +151,7 @@ class Task(Base):
             sqlite_where=text("spawned_by IS NOT NULL"),
             postgresql_where=text("spawned_by IS NOT NULL"),
         ),
+        {"sqlite_autoincrement": True},
     )
 
     @property
@@ -243,6 +244,9 @@ class Launcher(Base):
     host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
     mode: Mapped[str] = mapped_column(String(32), default="mpi")
+    #: The launcher's task filters: only this workflow / these tags.
+    workflow: Mapped[str | None] = mapped_column(String(200), default=None)
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started: Mapped[float] = mapped_column(Float, default=time.time)
     heartbeat: Mapped[float] = mapped_column(Float, default=time.time)
     stopped: Mapped[float | None] = mapped_column(Float, default=None)

@@ -36,6 +36,8 @@ class Change:
     to_state: State
     message: str = ""
     return_code: int | None = None
+    #: When it happened (epoch s); None: when it is written.
+    time: float | None = None
 
 
 def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
@@ -85,7 +87,9 @@ def apply(
         pending = pending_next
     cascade = _dag_rules(session, events)
     if cascade:
-        events += apply(session, cascade, launcher_id=launcher_id, now=now)
+        events += apply(
+            session, cascade, launcher_id=launcher_id, batch_job_id=batch_job_id, now=now
+        )
     return events
 
 
@@ -130,7 +134,7 @@ def _apply_round(
             codes,
         )
     events = [
-        TransitionEvent(c.task_id, src, c.to_state, now, c.message, launcher_id)
+        TransitionEvent(c.task_id, src, c.to_state, c.time or now, c.message, launcher_id)
         for c, src in accepted
     ]
     record_events(session, events, batch_job_id)

@@ -476,15 +476,9 @@ def test_inside_a_task(site: Site, in_task: int, monkeypatch: pytest.MonkeyPatch
         api.current_task_id()
 
 
-# --------------------------------------------------------------------------- known bugs (xfail)
+# --------------------------------------------------------------------------- fixed bugs
 
 
-@pytest.mark.xfail(
-    reason="BUG: api.py Site.add_dependency does not de-duplicate parents; a repeated parent "
-    "inserts the same task_dependency row twice -> raw IntegrityError",
-    raises=IntegrityError,
-    strict=True,
-)
 def test_add_dependency_with_a_repeated_parent(site: Site) -> None:
     a, b = (site.add_task(command="echo").id for _ in range(2))
     site.add_dependency(a, [b, b])  # like add_task(parents=[b, b]), which is accepted
@@ -492,12 +486,6 @@ def test_add_dependency_with_a_repeated_parent(site: Site) -> None:
     assert state(site, a) == "AWAITING_PARENTS"
 
 
-@pytest.mark.xfail(
-    reason="BUG: api.py Site.retry does not de-duplicate ids (kill and delete do): a repeated "
-    "id becomes two changes, the second READY -> READY raises InvalidTransition",
-    raises=InvalidTransition,
-    strict=True,
-)
 def test_retry_with_a_repeated_id(sqlite_site: Site) -> None:
     site = sqlite_site
     t = site.add_task(command="echo").id
@@ -511,15 +499,6 @@ def test_task_ids_are_never_reused(
 ) -> None:
     """A deleted task's id (and so its default workdir ``<workflow>/<name>_<id>``) must not
     be handed to a new task; PostgreSQL's sequence guarantees it."""
-    if backend == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="BUG: api.py Site._allocate_ids on SQLite starts at max(id)+1, so the id "
-                "of a deleted newest task is reused",
-                raises=AssertionError,
-                strict=True,
-            )
-        )
     a, b, c = site.add_tasks([{"command": "./sim"}] * 3)
     site.delete(c)
     new = site.add_task(command="./sim")
@@ -527,13 +506,6 @@ def test_task_ids_are_never_reused(
     assert new.default_workdir != f"default/sim_{c}"
 
 
-@pytest.mark.xfail(
-    reason="BUG: api.py Site.delete(force=True) removes the dependency rows of a waiting "
-    "child but never re-checks it: it stays AWAITING_PARENTS forever although every "
-    "remaining parent has finished",
-    raises=AssertionError,
-    strict=True,
-)
 def test_forced_delete_of_a_parent_frees_its_children(site: Site) -> None:
     done = site.add_task(command="echo").id
     walk(site, [done], S.JOB_FINISHED)
@@ -545,13 +517,6 @@ def test_forced_delete_of_a_parent_frees_its_children(site: Site) -> None:
     assert state(site, c) == "READY"  # every remaining parent has finished (DESIGN §5)
 
 
-@pytest.mark.xfail(
-    reason="BUG: api.py current_site() compares $BALSAM_SITE as a raw string with the resolved "
-    "site_dir; any other spelling (trailing '/', relative path, symlink) reopens the site, "
-    "with a new engine and connection pool, on every call",
-    raises=AssertionError,
-    strict=True,
-)
 def test_current_site_is_opened_once(sqlite_site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     api._current = None
     monkeypatch.setenv("BALSAM_SITE", str(sqlite_site.site_dir) + "/")
@@ -565,12 +530,6 @@ def test_current_site_is_opened_once(sqlite_site: Site, monkeypatch: pytest.Monk
         api._current = None
 
 
-@pytest.mark.xfail(
-    reason="BUG: api.py Site._insert_tasks records every creation event as 'created'; DESIGN §4 "
-    "wants the TaskEvent message to say 'spawned by' for spawned tasks",
-    raises=AssertionError,
-    strict=True,
-)
 def test_spawned_task_history_names_the_spawner(sqlite_site: Site) -> None:
     me = sqlite_site.add_task(command="./parent").id
     (child,) = sqlite_site.add_tasks([{"command": "./child"}], spawned_by=me)

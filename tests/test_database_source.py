@@ -247,14 +247,6 @@ def test_report_records_batch_job(
     assert source.report(lid, [StateUpdate(t, S.RUNNING)]) == []
     event = site.history(t)[-1]
     assert (event.to_state, event.launcher_id) == ("RUNNING", lid)
-    request.applymarker(
-        pytest.mark.xfail(
-            reason="BUG: database_source.report() never passes the launcher's batch job to "
-            "transitions.apply, and lease() never sets Task.batch_job_id",
-            raises=AssertionError,
-            strict=True,
-        )
-    )
     assert event.batch_job_id == job_id
     assert site.task(t).batch_job_id == job_id
 

@@ -9,10 +9,11 @@ overwritten.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -27,11 +28,13 @@ from balsam_core import (
     TaskRequirements,
     TaskSourcePlugin,
     hookimpl,
+    is_allowed,
     models,
     render_argv,
 )
 
 Task, TaskTag, Launcher = models.Task, models.TaskTag, models.Launcher
+log = logging.getLogger(__name__)
 
 
 class DatabaseTaskSource:
@@ -40,7 +43,7 @@ class DatabaseTaskSource:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.lease_s = site.config.launcher.lease_s
-        self._filters: dict[int, LauncherInfo] = {}
+        self._infos: dict[int, LauncherInfo] = {}
 
     @classmethod
     def from_context(cls, context: PluginContext) -> DatabaseTaskSource:
@@ -51,12 +54,26 @@ class DatabaseTaskSource:
         with self.site.db.session(write=True) as s:
             launcher = Launcher(
                 host=info.host, pid=info.pid, mode=info.mode, batch_job_id=info.batch_job_id,
-                started=now, heartbeat=now,
+                workflow=info.workflow, tags=dict(info.tags), started=now, heartbeat=now,
             )
             s.add(launcher)
             s.flush()
-            self._filters[launcher.id] = info
+            self._infos[launcher.id] = info
             return launcher.id
+
+    def _info(self, launcher_id: int) -> LauncherInfo:
+        """The launcher's filters and batch job (from its row if another instance registered it)."""
+        info = self._infos.get(launcher_id)
+        if info is None:
+            with self.site.db.session() as s:
+                row = s.get(Launcher, launcher_id)
+                if row is None:
+                    raise ValueError(f"no launcher with id {launcher_id}")
+                info = LauncherInfo(
+                    row.host, row.pid, row.mode, row.batch_job_id, row.workflow, dict(row.tags)
+                )
+            self._infos[launcher_id] = info
+        return info
 
     def lease(
         self, launcher_id: int, free: Sequence[NodeResources], limit: int
@@ -79,16 +96,15 @@ class DatabaseTaskSource:
             .order_by(Task.id)
             .limit(limit)
         )
-        info = self._filters.get(launcher_id)
-        if info is not None:
-            if info.workflow is not None:
-                query = query.where(Task.workflow == info.workflow)
-            for key, value in info.tags.items():
-                query = query.where(
-                    Task.id.in_(
-                        select(TaskTag.task_id).where(TaskTag.key == key, TaskTag.value == value)
-                    )
-                )
+        info = self._info(launcher_id)
+        if info.workflow is not None:
+            query = query.where(Task.workflow == info.workflow)
+        for key, value in info.tags.items():
+            query = query.where(
+                select(TaskTag.task_id)
+                .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == value)
+                .exists()
+            )
         with self.site.db.session(write=True) as s:
             if s.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=Task)
@@ -98,7 +114,11 @@ class DatabaseTaskSource:
             s.execute(
                 update(Task)
                 .where(Task.id.in_([t.id for t in tasks]))
-                .values(lease_launcher_id=launcher_id, lease_expires=now + self.lease_s)
+                .values(
+                    lease_launcher_id=launcher_id,
+                    lease_expires=now + self.lease_s,
+                    batch_job_id=info.batch_job_id,
+                )
                 .execution_options(synchronize_session=False)
             )
             return [self._leased(t) for t in tasks]
@@ -136,25 +156,38 @@ class DatabaseTaskSource:
         )
 
     def report(self, launcher_id: int, updates: Sequence[StateUpdate]) -> list[int]:
+        """Apply the holder's updates in one transaction; refuse (and return) the ids it
+        no longer holds, that were killed, or whose move the state table forbids."""
         if not updates:
             return []
         ids = sorted({u.task_id for u in updates})
+        info = self._info(launcher_id)
         with self.site.transaction() as tx:
-            held = {
-                task_id: state
-                for task_id, state in tx.session.execute(
-                    select(Task.id, Task.state).where(
-                        Task.id.in_(ids), Task.lease_launcher_id == launcher_id
-                    )
-                )
-            }
-            refused = sorted(
-                {u.task_id for u in updates if held.get(u.task_id) in (None, State.USER_KILLED)}
+            query = select(Task.id, Task.state).where(
+                Task.id.in_(ids), Task.lease_launcher_id == launcher_id
             )
-            accepted = [u for u in updates if u.task_id not in refused]
+            if tx.session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update()
+            states = {i: State(s) for i, s in tx.session.execute(query)}
+            refused: set[int] = set()
+            accepted: list[StateUpdate] = []
+            for u in updates:
+                current = states.get(u.task_id)
+                if u.task_id in refused or current in (None, State.USER_KILLED):
+                    refused.add(u.task_id)
+                elif not is_allowed(current, u.state):  # type: ignore[arg-type]
+                    log.warning(
+                        "launcher %d reported task %d %s -> %s, which is not allowed: refused",
+                        launcher_id, u.task_id, current, u.state,
+                    )
+                    refused.add(u.task_id)
+                else:
+                    states[u.task_id] = u.state
+                    accepted.append(u)
             tx.apply(
-                [Change(u.task_id, u.state, u.message, u.return_code) for u in accepted],
+                [Change(u.task_id, u.state, u.message, u.return_code, u.time) for u in accepted],
                 launcher_id=launcher_id,
+                batch_job_id=info.batch_job_id,
             )
             done = [u.task_id for u in accepted if u.state is not State.RUNNING]
             if done:
@@ -164,7 +197,7 @@ class DatabaseTaskSource:
                     .values(lease_launcher_id=None, lease_expires=None)
                     .execution_options(synchronize_session=False)
                 )
-        return refused
+        return sorted(refused)
 
     def heartbeat(self, launcher_id: int) -> set[int]:
         now = time.time()
@@ -186,25 +219,27 @@ class DatabaseTaskSource:
             )
 
     def release(self, launcher_id: int) -> None:
+        """Give back leases of tasks not running; a RUNNING task keeps its lease until it
+        expires, so :meth:`expire_leases` reclaims it (its end was never reported)."""
         with self.site.db.session(write=True) as s:
             s.execute(
                 update(Task)
-                .where(Task.lease_launcher_id == launcher_id)
+                .where(Task.lease_launcher_id == launcher_id, Task.state != State.RUNNING.value)
                 .values(lease_launcher_id=None, lease_expires=None)
                 .execution_options(synchronize_session=False)
             )
             s.execute(update(Launcher).where(Launcher.id == launcher_id).values(stopped=time.time()))
-        self._filters.pop(launcher_id, None)
+        self._infos.pop(launcher_id, None)
 
     def expire_leases(self, now: float) -> int:
+        """RUNNING tasks whose lease ran out -> RUN_TIMEOUT; other expired leases cleared."""
         with self.site.transaction() as tx:
-            expired = list(
-                tx.session.execute(
-                    select(Task.id, Task.state, Task.lease_launcher_id).where(
-                        and_(Task.lease_expires.is_not(None), Task.lease_expires < now)
-                    )
-                )
+            query = select(Task.id, Task.state, Task.lease_launcher_id).where(
+                Task.lease_launcher_id.is_not(None), Task.lease_expires < now
             )
+            if tx.session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            expired = list(tx.session.execute(query))
             tx.apply(
                 [
                     Change(i, State.RUN_TIMEOUT, f"lease of launcher {who} expired")

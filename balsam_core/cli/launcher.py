@@ -68,14 +68,17 @@ def launcher_command(
         nodes=tuple(nodes), end_time=end_time, idle_timeout_s=idle_timeout,
         workflow=workflow, tags=parse_pairs(tags, "--tag"), batch_job_id=batch_job_id,
     )
-    launcher = Launcher(site, options)
-    launcher.processor = TransitionProcessor(
-        site, policies, owner_id=0, workflow=workflow, tags=options.tags
+    launcher = Launcher(
+        site,
+        options,
+        processor=lambda launcher_id: TransitionProcessor(
+            site, policies, owner_id=launcher_id, workflow=workflow, tags=options.tags
+        ),
     )
     launcher.install_signal_handlers()
     stats = launcher.run()
     click.echo(
         f"launcher {launcher.launcher_id}: {stats.started} started, {stats.finished} done, "
-        f"{stats.failed} failed, {stats.timed_out} timed out ({launcher._stop_reason})",
+        f"{stats.failed} failed, {stats.timed_out} timed out ({launcher.stop_reason})",
         err=True,
     )

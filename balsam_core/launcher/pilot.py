@@ -14,9 +14,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..api import Site
 from ..errors import BalsamError, DatabaseError
@@ -36,6 +36,13 @@ from .nodes import NodePool
 from .processes import Exited, ProcessGroup
 
 log = logging.getLogger(__name__)
+
+
+class Processor(Protocol):
+    """Moves tasks through the transitions around a run (stage-in, pre/post, recovery)."""
+
+    def process_once(self) -> int:
+        """One pass; how many tasks moved."""
 
 TASK_ENV = "BALSAM_TASK_ID"
 
@@ -152,7 +159,7 @@ class Launcher:
         source: TaskSource | None = None,
         packing: PackingStrategy | None = None,
         mpi: MpiLauncher | None = None,
-        processor: Any = None,
+        processor: Callable[[int], Processor] | None = None,
     ) -> None:
         cfg = site.config
         self.site = site
@@ -165,7 +172,7 @@ class Launcher:
         )
         self.mpi: MpiLauncher = mpi or site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
         self.mpi.check()
-        self.processor = processor
+        self._make_processor = processor
         self.pool = NodePool(options.nodes)
         self.procs = ProcessGroup(grace_s=options.grace_s)
         self.queue: dict[int, LeasedTask] = {}
@@ -365,9 +372,14 @@ class Launcher:
 
     # ------------------------------------------------------------------ processing thread
 
+    @property
+    def stop_reason(self) -> str:
+        return self._stop_reason
+
     def _start_processor(self) -> threading.Thread | None:
-        if self.processor is None:
+        if self._make_processor is None:
             return None
+        self.processor = self._make_processor(self.launcher_id)
         thread = threading.Thread(target=self._process_loop, name="balsam-processing", daemon=True)
         thread.start()
         return thread
