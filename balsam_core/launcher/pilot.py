@@ -309,12 +309,17 @@ class Launcher:
                 else f"could not start: {exc}"
             )
             self.stats.failed += 1
+            now = time.time()
             return [
-                StateUpdate(task.task_id, State.RUNNING, f"starting on {','.join(nodes)}"),
-                StateUpdate(task.task_id, State.RUN_ERROR, reason),
+                StateUpdate(task.task_id, State.RUNNING, f"starting on {','.join(nodes)}", time=now),
+                StateUpdate(task.task_id, State.RUN_ERROR, reason, time=now),
             ]
         self.stats.started += 1
-        return [StateUpdate(task.task_id, State.RUNNING, f"started on {','.join(nodes)}")]
+        return [
+            StateUpdate(
+                task.task_id, State.RUNNING, f"started on {','.join(nodes)}", time=time.time()
+            )
+        ]
 
     def _collect(self, exited: Sequence[Exited]) -> list[StateUpdate]:
         updates = []
@@ -327,11 +332,16 @@ class Launcher:
                 why = "wall time exceeded" if e.ending == "timeout" else self._stop_reason
                 self.stats.timed_out += 1
                 updates.append(
-                    StateUpdate(e.task_id, State.RUN_TIMEOUT, f"{why} after {seconds}", e.return_code)
+                    StateUpdate(
+                        e.task_id, State.RUN_TIMEOUT, f"{why} after {seconds}", e.return_code,
+                        e.ended,
+                    )
                 )
             elif e.return_code == 0:
                 self.stats.finished += 1
-                updates.append(StateUpdate(e.task_id, State.RUN_DONE, f"exit 0 after {seconds}", 0))
+                updates.append(
+                    StateUpdate(e.task_id, State.RUN_DONE, f"exit 0 after {seconds}", 0, e.ended)
+                )
             else:
                 self.stats.failed += 1
                 how = (
@@ -340,7 +350,9 @@ class Launcher:
                     else f"exit code {e.return_code}"
                 )
                 updates.append(
-                    StateUpdate(e.task_id, State.RUN_ERROR, f"{how} after {seconds}", e.return_code)
+                    StateUpdate(
+                        e.task_id, State.RUN_ERROR, f"{how} after {seconds}", e.return_code, e.ended
+                    )
                 )
         return updates
 

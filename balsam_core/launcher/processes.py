@@ -95,6 +95,7 @@ class ProcessGroup:
         stdout = open(cwd / "stdout", "ab")
         stderr_path = cwd / "stderr"
         stderr = open(stderr_path, "ab")
+        now = time.time()
         try:
             popen = subprocess.Popen(
                 list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
@@ -103,7 +104,6 @@ class ProcessGroup:
         finally:
             stdout.close()
             stderr.close()
-        now = time.time()
         pidfd = os.pidfd_open(popen.pid)
         running = Running(
             task_id, popen, now, now + wall_time_s if wall_time_s else None, stderr_path, pidfd

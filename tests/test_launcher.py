@@ -1,0 +1,212 @@
+"""The launcher's hot loop with real processes: every way a task can end, and the
+launcher keeps running the others.  Tasks are made runnable directly (PREPROCESSED)
+so these tests exercise the loop alone; the processing thread has its own tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from balsam_core.api import Site
+from balsam_core.launcher.nodes import local_nodes
+from balsam_core.launcher.pilot import Launcher, LauncherOptions
+from balsam_core.models import Task
+from balsam_core.states import State
+from balsam_core.transitions import Change
+
+PY = sys.executable
+
+
+def runnable(site: Site, *specs: dict) -> list[int]:
+    """Add tasks straight into PREPROCESSED; they share nodes (up to 4 per node) unless
+    the spec says otherwise."""
+    ids = site.add_tasks([{"node_packing_count": 4, **spec} for spec in specs])
+    site.transition([Change(i, s) for i in ids for s in (State.STAGED_IN, State.PREPROCESSED)])
+    return ids
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def run(site: Site, nodes: int = 1, cpus: int = 2, gpus: int = 0, **options) -> Launcher:
+    options.setdefault("idle_timeout_s", 0.3)
+    options.setdefault("grace_s", 0.5)
+    launcher = Launcher(site, LauncherOptions(nodes=local_nodes(nodes, cpus, gpus), **options))
+    launcher.run()
+    return launcher
+
+
+def last(site: Site, task_id: int) -> tuple[str, str]:
+    event = site.history(task_id)[-1]
+    return event.to_state, event.message
+
+
+def workdir(site: Site, task_id: int) -> Path:
+    return site.config.data_dir / site.task(task_id).default_workdir
+
+
+def test_every_kind_of_ending(sqlite_site: Site) -> None:
+    site = sqlite_site
+    ok, code3, segv, missing = runnable(
+        site,
+        {"command": py("print('hello')"), "name": "ok"},
+        {"command": py("import sys; print('bad', file=sys.stderr); sys.exit(3)"), "name": "code3"},
+        {"command": py("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"), "name": "segv"},
+        {"command": ["/nonexistent/program", "x"], "name": "missing"},
+    )
+    launcher = run(site)
+    assert last(site, ok)[0] == "RUN_DONE"
+    assert (workdir(site, ok) / "stdout").read_text() == "hello\n"
+    assert last(site, code3)[0] == "RUN_ERROR" and "exit code 3" in last(site, code3)[1]
+    assert site.task(code3).return_code == 3
+    assert (workdir(site, code3) / "stderr").read_text() == "bad\n"
+    assert last(site, segv)[0] == "RUN_ERROR" and "SIGSEGV" in last(site, segv)[1]
+    assert site.task(segv).return_code == -11
+    assert last(site, missing) == ("RUN_ERROR", "executable not found: /nonexistent/program")
+    for task_id in (ok, code3, segv, missing):
+        events = site.history(task_id)
+        assert [e.to_state for e in events][-2] == "RUNNING"
+        assert all(e.launcher_id == launcher.launcher_id for e in events[-2:])
+        assert site.task(task_id).lease_launcher_id is None
+    assert launcher.stop_reason == "idle timeout"
+
+
+def test_wall_time_ends_a_task_that_ignores_sigterm(sqlite_site: Site) -> None:
+    site = sqlite_site
+    (stubborn,) = runnable(
+        site,
+        {
+            "command": py(
+                "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                "open('pid', 'w').write(str(os.getpid())); time.sleep(120)"
+            ),
+            "wall_time_min": 0.01,
+        },
+    )
+    started = time.time()
+    run(site)
+    assert time.time() - started < 10
+    state, message = last(site, stubborn)
+    assert state == "RUN_TIMEOUT" and "wall time exceeded" in message
+    pid = int((workdir(site, stubborn) / "pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_grandchildren_do_not_outlive_their_task(sqlite_site: Site) -> None:
+    site = sqlite_site
+    (parent,) = runnable(site, {"command": ["sh", "-c", "sleep 120 & echo $! > grandchild.pid"]})
+    run(site)
+    assert last(site, parent)[0] == "RUN_DONE"
+    pid = int((workdir(site, parent) / "grandchild.pid").read_text())
+    time.sleep(0.1)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_large_output_goes_to_the_file(sqlite_site: Site) -> None:
+    site = sqlite_site
+    (big,) = runnable(site, {"command": py("import sys; sys.stdout.write('x' * 100_000_000)")})
+    run(site)
+    assert last(site, big)[0] == "RUN_DONE"
+    assert (workdir(site, big) / "stdout").stat().st_size == 100_000_000
+
+
+def test_kill_from_the_database_ends_the_whole_tree(site: Site) -> None:
+    sleeper, other = runnable(
+        site,
+        {"command": ["sh", "-c", "sleep 120 & echo $! > child.pid; echo $$ > main.pid; wait"]},
+        {"command": py("import time; time.sleep(1.5)")},
+    )
+    site.config.launcher.__dict__["heartbeat_s"] = 0.2  # frozen dataclass: test-only speed-up
+
+    def kill_soon() -> None:
+        deadline = time.time() + 10
+        while not (workdir(site, sleeper) / "child.pid").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        Site.open(site.site_dir).kill(sleeper)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    run(site, idle_timeout_s=0.5)
+    killer.join()
+    assert site.task(sleeper).state == "USER_KILLED"
+    assert last(site, other)[0] == "RUN_DONE"  # the launcher kept running the others
+    for name in ("main.pid", "child.pid"):
+        pid = int((workdir(site, sleeper) / name).read_text())
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_end_of_allocation(sqlite_site: Site) -> None:
+    site = sqlite_site
+    long, short, later = runnable(
+        site,
+        {"command": ["sleep", "60"]},
+        {"command": ["true"]},
+        {"command": ["true"], "wall_time_min": 30},
+    )
+    started = time.time()
+    launcher = run(site, cpus=1, end_time=time.time() + 2.0, margin_s=0.5, idle_timeout_s=None)
+    assert time.time() - started < 8
+    assert launcher.stop_reason == "allocation ends"
+    states = {t: site.task(t).state for t in (long, short, later)}
+    assert states[long] == "RUN_TIMEOUT" and "allocation ends" in last(site, long)[1]
+    # A task that cannot finish before the end is not started; its lease is given back.
+    assert states[later] == "PREPROCESSED"
+    with site.db.session() as s:
+        assert s.query(Task).filter(Task.lease_launcher_id.is_not(None)).count() == 0
+
+
+def test_environment_of_a_task(sqlite_site: Site) -> None:
+    site = sqlite_site
+    dump = "import json, os; json.dump(dict(os.environ), open('env.json', 'w'))"
+    (t,) = runnable(
+        site,
+        {"command": py(dump), "environment": {"MY_SETTING": "42"}, "threads_per_rank": 2,
+         "gpus_per_rank": 1},
+    )
+    run(site, cpus=4, gpus=2)
+    env = json.loads((workdir(site, t) / "env.json").read_text())
+    assert env["MY_SETTING"] == "42"
+    assert env["BALSAM_TASK_ID"] == str(t)
+    assert env["BALSAM_SITE"] == str(site.site_dir)
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert env["CUDA_VISIBLE_DEVICES"] in ("0", "1")
+
+
+def test_a_task_kills_a_sibling(sqlite_site: Site) -> None:
+    site = sqlite_site
+    (victim,) = runnable(site, {"command": ["sleep", "60"], "name": "victim"})
+    killer_code = (
+        "import time; from balsam_core import api;"
+        f"time.sleep(0.5); api.kill({victim})"
+    )
+    (killer,) = runnable(site, {"command": py(killer_code), "name": "killer"})
+    site.config.launcher.__dict__["heartbeat_s"] = 0.2
+    run(site, idle_timeout_s=0.5)
+    assert last(site, killer)[0] == "RUN_DONE"
+    assert site.task(victim).state == "USER_KILLED"
+    assert f"killed by task {killer}" in last(site, victim)[1]
+
+
+def test_packing_never_overcommits(sqlite_site: Site) -> None:
+    """2 virtual nodes x 2 CPUs; the events show at most 4 CPU slots busy at once."""
+    site = sqlite_site
+    specs = [{"command": py("import time; time.sleep(0.2)"), "threads_per_rank": t}
+             for t in (1, 2, 1, 1, 2, 1, 2, 1)]
+    ids = runnable(site, *specs)
+    run(site, nodes=2, cpus=2)
+    spans = []
+    for task_id, spec in zip(ids, specs):
+        events = {e.to_state: e.time for e in site.history(task_id)}
+        assert "RUN_DONE" in events
+        spans.append((events["RUNNING"], events["RUN_DONE"], spec["threads_per_rank"]))
+    for start, _, _ in spans:
+        busy = sum(cpus for s, e, cpus in spans if s <= start < e)
+        assert busy <= 4
