@@ -295,6 +295,8 @@ class TaskFailure:
     return_code: int | None
     #: Runs already retried.
     num_retries: int
+    #: The task's own retry limit; None: the policy's (``[recovery] max_retries``).
+    max_retries: int | None = None
     post_error_handler: bool = False
     post_timeout_handler: bool = False
     auto_timeout_retry: bool = False

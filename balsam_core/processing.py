@@ -65,15 +65,14 @@ Design choices:
   ``state_time + delay_s``, i.e. measured from when the task failed.  Until then the
   task stays in RUN_ERROR / RUN_TIMEOUT with ``lease_launcher_id = NULL`` and
   ``lease_expires = <due time>``: no processor claims it (the claim wants a lease that
-  is free or expired), nothing else in Balsam touches it (launchers lease only runnable
-  states, heartbeats and releases match a launcher id), and the service's lease expiry
-  may clear it harmlessly.  When claimed again the chain is asked again — policies are
-  pure, so it answers the same — and now the delay has passed.
-* **Per-task max_retries.**  A task's ``max_retries`` always caps RETRY / RESTART (past it
-  the task FAILs).  Raising it above ``[recovery] max_retries`` works when the processor
-  builds its own chain (``policies=None``): tasks with an override get a chain built
-  from the site config with that ``max_retries``.  With explicitly given policies only
-  the cap applies.  (:class:`TaskFailure` gets ``max_retries`` too if it has the field.)
+  is free or expired), and nothing else in Balsam touches it (launchers lease only
+  runnable states; heartbeats, releases and lease expiry only look at leases with a
+  launcher id).  When claimed again the chain is asked again — policies are pure, so it
+  answers the same — and now the delay has passed.
+* **Per-task max_retries.**  A task's ``max_retries`` travels in its
+  :class:`TaskFailure`; the built-in policies use it instead of ``[recovery]
+  max_retries`` (above or below it).  A third-party policy that ignores it is still
+  capped: past the task's limit a RETRY / RESTART becomes FAIL.
 * **Pre/postprocess** are the app's argv lists (no templating, never a shell), run in
   the working directory with ``os.environ`` + app environment + task environment +
   ``BALSAM_TASK_ID`` + ``BALSAM_SITE``, stdout and stderr appended to
@@ -145,13 +144,9 @@ _FORWARD = (S.READY, S.STAGED_IN, S.RUN_DONE, S.POSTPROCESSED)
 _RECOVER = (S.RUN_ERROR, S.RUN_TIMEOUT)
 
 
-def site_policies(site: Site, max_retries: int | None = None) -> list[RecoveryPolicy]:
-    """The recovery chain of *site* (``[recovery] chain``), optionally built as if
-    ``[recovery] max_retries`` were *max_retries*."""
+def site_policies(site: Site) -> list[RecoveryPolicy]:
+    """The recovery chain of *site* (``[recovery] chain``), in order."""
     config = site.config
-    if max_retries is not None and max_retries != config.recovery.max_retries:
-        recovery = dataclasses.replace(config.recovery, max_retries=max_retries)
-        config = dataclasses.replace(config, recovery=recovery)
     return [site.plugins.create("recovery_policy", n, config) for n in config.recovery.chain]
 
 
@@ -208,7 +203,9 @@ class _Outcome:
 _FAST_FORWARD: Mapping[State, tuple[tuple[State, str], ...]] = {
     S.READY: ((S.STAGED_IN, "nothing to stage in"), (S.PREPROCESSED, "no preprocess step")),
     S.STAGED_IN: ((S.PREPROCESSED, "no preprocess step"),),
-    S.RUN_DONE: ((S.POSTPROCESSED, "no postprocess step"), (S.JOB_FINISHED, "nothing to stage out")),
+    S.RUN_DONE: (
+        (S.POSTPROCESSED, "no postprocess step"), (S.JOB_FINISHED, "nothing to stage out")
+    ),
     S.POSTPROCESSED: ((S.JOB_FINISHED, "nothing to stage out"),),
 }
 
@@ -248,11 +245,9 @@ class TransitionProcessor:
         self.lease_s = config.launcher.lease_s
         self.data_dir = config.data_dir.resolve()
         self.roots = _allowed_roots(config.site_dir, self.data_dir, config.site.allowed_roots)
-        self._own_policies = policies is None
         self.policies: list[RecoveryPolicy] = (
             site_policies(site) if policies is None else list(policies)
         )
-        self._chains: dict[int, list[RecoveryPolicy]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: dict[int, concurrent.futures.Future[_Outcome]] = {}
         #: The state each in-flight task was in when its work started.
@@ -316,8 +311,8 @@ class TransitionProcessor:
     def close(self) -> None:
         """Kill running pre/post steps and stop the pool; unrecorded work is dropped
         (its leases expire or are released by the launcher, and another pass redoes it)."""
-        self._closed = True
         with self._procs_lock:
+            self._closed = True  # no step starts after this
             procs = list(self._procs)
         for proc in procs:
             _kill_group(proc)
@@ -358,7 +353,9 @@ class TransitionProcessor:
         )
         return Site._filter(query, workflow=self.workflow, tags=self.tags)
 
-    def _claim(self, now: float, moved: set[int]) -> tuple[list[_Item], list[_Item], dict[int, list[tuple[int, str]]]]:
+    def _claim(
+        self, now: float, moved: set[int]
+    ) -> tuple[list[_Item], list[_Item], dict[int, list[tuple[int, str]]]]:
         """Claim tasks; fast-forward the trivial ones in the same transaction.
 
         Returns the tasks for recovery, the tasks needing work, and the parents' working
@@ -430,32 +427,21 @@ class TransitionProcessor:
 
     # ------------------------------------------------------------------ recovery
 
-    def _chain(self, item: _Item) -> Sequence[RecoveryPolicy]:
-        override = item.max_retries
-        if override is None or not self._own_policies:
-            return self.policies
-        if override not in self._chains:
-            self._chains[override] = site_policies(self.site, override)
-        return self._chains[override]
-
     def _decide(self, item: _Item, now: float) -> tuple[TaskFailure, RecoveryDecision]:
-        kwargs: dict[str, Any] = {}
-        if "max_retries" in _FAILURE_FIELDS:
-            kwargs["max_retries"] = item.max_retries
         failure = TaskFailure(
             task_id=item.id,
             state=item.state,
             return_code=item.return_code,
             num_retries=item.num_retries,
+            max_retries=item.max_retries,
             post_error_handler=item.post_error_handler,
             post_timeout_handler=item.post_timeout_handler,
             auto_timeout_retry=item.auto_timeout_retry,
             has_postprocess=bool(item.postprocess),
             stderr_tail=_tail_text(self.data_dir / item.workdir / "stderr", STDERR_TAIL_BYTES),
             now=now,
-            **kwargs,
         )
-        decision = decide_chain(self._chain(item), failure)
+        decision = decide_chain(self.policies, failure)
         again = (RecoveryAction.RETRY, RecoveryAction.RESTART)
         if (
             decision.action in again
@@ -482,7 +468,8 @@ class TransitionProcessor:
                 _, decision = self._decide(item, now)
             except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the pass
                 log.exception("recovery of task %d", item.id)
-                changes.append(Change(item.id, S.FAILED, _one_line(f"recovery failed: {_exc(exc)}")))
+                message = _one_line(f"recovery failed: {_exc(exc)}")
+                changes.append(Change(item.id, S.FAILED, message))
                 continue
             action = decision.action
             if action in (RecoveryAction.RETRY, RecoveryAction.RESTART):
@@ -520,10 +507,12 @@ class TransitionProcessor:
                     .values(num_retries=Task.num_retries + 1)
                     .execution_options(synchronize_session=False)
                 )
-            handling = {item.id for item, _ in handlers}
+            handling = {item.id for item, _ in handlers if item.id in ok}
+            waiting = {i: t for i, t in deferred.items() if i in ok}
             # Decided tasks are released; deferred ones keep only their due time.
-            _set_lease(tx.session, [i for i in held if i not in handling and i not in deferred], None, None)
-            due = [{"b_id": i, "b_due": t} for i, t in deferred.items() if i in held]
+            done = [i for i in held if i not in handling and i not in waiting]
+            _set_lease(tx.session, done, None, None)
+            due = [{"b_id": i, "b_due": t} for i, t in waiting.items()]
             if due:
                 table = Task.__table__
                 tx.session.execute(
@@ -682,16 +671,18 @@ class TransitionProcessor:
         }
         with open(log_path, "ab") as out:
             start = out.tell()
-            try:
-                proc = subprocess.Popen(
-                    list(argv), cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                )
-            except FileNotFoundError:
-                raise _StepFailed(f"{what}: executable not found: {argv[0]}") from None
-            except PermissionError:
-                raise _StepFailed(f"{what}: not executable: {argv[0]}") from None
             with self._procs_lock:
+                if self._closed:
+                    raise _StepFailed(f"{what}: not started, the processor is shutting down")
+                try:
+                    proc = subprocess.Popen(
+                        list(argv), cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    )
+                except FileNotFoundError:
+                    raise _StepFailed(f"{what}: executable not found: {argv[0]}") from None
+                except PermissionError:
+                    raise _StepFailed(f"{what}: not executable: {argv[0]}") from None
                 self._procs.add(proc)
             try:
                 rc = proc.wait(self.step_timeout_s)
@@ -808,13 +799,14 @@ class TransitionProcessor:
                 src, dst = entry["src"], entry.get("dst") or ""
             else:
                 src, dst = entry, ""
-            real = self._checked(self._local(src, "stage_in"), src, "stage_in", must_exist=True)
+            path = self._local(src, "stage_in")
+            real = self._checked(path, src, "stage_in", must_exist=True)
             rel = ""
             if dst:
                 rel = self._relative(dst, "stage_in dst")
                 if str(dst).endswith("/"):
                     rel += "/"
-            _copy(real, self._in_workdir(workdir, rel, real.name, "stage_in"))
+            _copy(real, self._in_workdir(workdir, rel, path.name, "stage_in"))
             count += 1
         return count
 
@@ -853,7 +845,6 @@ class TransitionProcessor:
 
 # --------------------------------------------------------------------------- helpers
 
-_FAILURE_FIELDS = {f.name for f in dataclasses.fields(TaskFailure)}
 
 
 def _bare_failure(item: _Item, now: float) -> TaskFailure:

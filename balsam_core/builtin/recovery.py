@@ -53,6 +53,11 @@ class AppHandler:
         return None
 
 
+def _limit(failure: TaskFailure, site_limit: int) -> int:
+    """The task's own retry limit when it has one, else the site's."""
+    return site_limit if failure.max_retries is None else failure.max_retries
+
+
 class RetryTimeout:
     """``retry-timeout``: RETRY timed-out tasks that set ``auto_timeout_retry``."""
 
@@ -69,12 +74,12 @@ class RetryTimeout:
         if (
             failure.state != State.RUN_TIMEOUT
             or not failure.auto_timeout_retry
-            or failure.num_retries >= self.max_retries
+            or failure.num_retries >= _limit(failure, self.max_retries)
         ):
             return None
         attempt = failure.num_retries + 1
         return RecoveryDecision(
-            RecoveryAction.RETRY, f"timed out; retry {attempt} of {self.max_retries}"
+            RecoveryAction.RETRY, f"timed out; retry {attempt} of {_limit(failure, self.max_retries)}"
         )
 
 
@@ -108,13 +113,13 @@ class RetryTransient:
             transient = sig in self.signals
         else:
             transient = failure.return_code in self.exit_codes
-        if not transient or failure.num_retries >= self.max_retries:
+        if not transient or failure.num_retries >= _limit(failure, self.max_retries):
             return None
         delay = self.backoff_s * 2**failure.num_retries
         return RecoveryDecision(
             RecoveryAction.RETRY,
             f"{describe_exit(failure)} is transient; "
-            f"retry {failure.num_retries + 1} of {self.max_retries} in {delay:g} s",
+            f"retry {failure.num_retries + 1} of {_limit(failure, self.max_retries)} in {delay:g} s",
             delay_s=delay,
         )
 

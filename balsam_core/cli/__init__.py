@@ -16,6 +16,7 @@ from ..errors import BalsamError
 from ..plugins import get_plugin_manager
 from .app import app_group
 from .common import Context
+from .launcher import launcher_command
 from .plugins import plugins_command
 from .site import site_group
 from .task import task_group
@@ -78,6 +79,7 @@ cli.add_command(site_group)
 cli.add_command(app_group)
 cli.add_command(task_group)
 cli.add_command(plugins_command)
+cli.add_command(launcher_command)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import click
 
 from ..launcher.nodes import local_nodes
 from ..launcher.pilot import Launcher, LauncherOptions
+from ..processing import TransitionProcessor
 from ..plugin_types import NodeSpec
 from .common import Context, pass_ctx, parse_pairs
 
@@ -61,9 +62,6 @@ def launcher_command(
     if time_limit_min is not None:
         limit = time.time() + time_limit_min * 60
         end_time = limit if end_time is None else min(end_time, limit)
-    from ..processing import TransitionProcessor  # the worker thread's job
-
-    policies = [site.plugins.create("recovery_policy", n, cfg) for n in cfg.recovery.chain]
     options = LauncherOptions(
         nodes=tuple(nodes), end_time=end_time, idle_timeout_s=idle_timeout,
         workflow=workflow, tags=parse_pairs(tags, "--tag"), batch_job_id=batch_job_id,
@@ -72,7 +70,7 @@ def launcher_command(
         site,
         options,
         processor=lambda launcher_id: TransitionProcessor(
-            site, policies, owner_id=launcher_id, workflow=workflow, tags=options.tags
+            site, None, owner_id=launcher_id, workflow=workflow, tags=options.tags
         ),
     )
     launcher.install_signal_handlers()

@@ -407,6 +407,9 @@ class Launcher:
             except DatabaseError as exc:
                 log.warning("processing: %s (retrying)", exc)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug: say so, keep the launcher's tasks running
+                log.exception("processing failed; retrying in 5 s")
+                backoff = 5.0
             self._stop.wait(backoff)
 
     # ------------------------------------------------------------------ shutdown
@@ -418,12 +421,15 @@ class Launcher:
         self._stop.set()
         exited = self.procs.end_all("shutdown", timeout=self.options.grace_s)
         try:
+            if worker is not None:
+                worker.join(timeout=30)
+                close = getattr(self.processor, "close", None)
+                if close is not None:
+                    close()  # ends pre/post steps still running, before leases go
             self.reporter.add([*pending, *self._collect(exited)])
             self.reporter.close()
             self.source.release(self.launcher_id)
         finally:
             self.procs.close()
-            if worker is not None:
-                worker.join(timeout=30)
         log.info("launcher %d stopped: %s", self.launcher_id, self._stop_reason)
 

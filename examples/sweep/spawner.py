@@ -1,0 +1,11 @@
+"""Grows the workflow at run time: spawns one child per value it decides to explore."""
+
+from balsam_core import api
+
+me = api.current_task()
+for i in range(5):
+    api.spawn_child(
+        app="simulate", parameters={"x": 10 + i}, name=f"spawned{i}",
+        node_packing_count=8, tags={"group": "spawned"},
+    )
+print(f"task {me.id} spawned 5 children")
