@@ -24,25 +24,31 @@ export BALSAM_SITE=$SITE
 step python examples/dag_workflow.py
 python "$ROOT/examples/dag_workflow.py"
 
-step balsam app ls
-balsam app ls
-step balsam task ls --workflow sweep --limit 8
-balsam task ls --workflow sweep --limit 8
-step balsam task ls --workflow sweep --tree --limit 60 '| head -20'
-balsam task ls --workflow sweep --tree --limit 60 | head -20
-step balsam task add simulate --param x=9.9 --workflow sweep --tag group=extra
-balsam task add simulate --param x=9.9 --workflow sweep --tag group=extra
-step balsam task ls --tag group=extra
-balsam task ls --tag group=extra
-step balsam task kill 2 '  # a simulation: its reduction and the report can no longer run'
-balsam task kill 2
-step balsam task history 54
-balsam task history 54
-step balsam site info
-balsam site info
-step balsam task add simulate --param x=1 -n -2 '  # bad input: one line, exit 2'
-balsam task add simulate --param x=1 -n -2 || echo "(exit code $?)"
+step balsam task ls --workflow sweep --tree --limit 60 '| head -12'
+balsam task ls --workflow sweep --tree --limit 60 | head -12
+
+step balsam launcher --idle-timeout 3 '&   # the pilot, on this machine'
+balsam launcher --idle-timeout 3 2>"$SITE/log/demo-launcher.log" &
+LAUNCHER=$!
+trap 'kill $LAUNCHER 2>/dev/null || true' EXIT
+step balsam task wait --workflow sweep --interval 0.5
+balsam task wait --workflow sweep --interval 0.5 || true
+wait "$LAUNCHER" || true
+trap - EXIT
+tail -1 "$SITE/log/demo-launcher.log"
+
+step balsam task ls --workflow sweep --tag group=spawned '  # added by a running task'
+balsam task ls --workflow sweep --tag group=spawned
+id_of() { balsam task ls --workflow sweep --limit 100 --json | python3 -c \
+  "import json, sys; print(next(t['id'] for t in json.load(sys.stdin) if t['name'] == '$1'))"; }
+FLAKY=$(id_of flaky)
+SLOW=$(id_of slow)
+step balsam task history "$FLAKY" '  # failed, then repaired by its error handler'
+balsam task history "$FLAKY"
+step balsam task history "$SLOW" '  # timed out, retried'
+balsam task history "$SLOW"
+step balsam report --wf sweep
+balsam report --wf sweep || true
 
 echo
 echo "Site: $SITE   (export BALSAM_SITE=$SITE to keep exploring)"
-echo "Running the tasks is the launcher's job: 'balsam launcher' arrives with the launcher issue."

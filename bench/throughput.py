@@ -1,0 +1,113 @@
+"""Launcher throughput: Balsam against a plain Popen pool, in one run.
+
+    python bench/throughput.py [--tasks 1000] [--slots 2] [--sleep-tasks 200] [--sleep-slots 4]
+
+(a) baseline: a Python pool keeping K ``/bin/true`` processes running until N ran;
+(b) Balsam: the same N tasks committed READY in a fresh SQLite site, run by the
+launcher (hot loop + processing thread, provenance on) until all are JOB_FINISHED.
+Prints one JSON object per measurement (stdout) with both rates and their ratio.
+Second workload: N x ``sleep 0.05`` on K slots, wall time against the ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("BALSAM_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+from sqlalchemy import func, select  # noqa: E402
+
+from balsam_core.api import Site  # noqa: E402
+from balsam_core.launcher.nodes import local_nodes  # noqa: E402
+from balsam_core.launcher.pilot import Launcher, LauncherOptions  # noqa: E402
+from balsam_core.models import TaskEvent  # noqa: E402
+from balsam_core.processing import TransitionProcessor  # noqa: E402
+
+
+def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
+    """Seconds for a plain pool to run *tasks* x *argv* with *slots* at once."""
+    started = time.perf_counter()
+    running: set[subprocess.Popen[bytes]] = set()
+    launched = 0
+    while launched < tasks or running:
+        while launched < tasks and len(running) < slots:
+            running.add(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            launched += 1
+        pid, _ = os.wait()
+        running = {p for p in running if p.pid != pid}
+    return time.perf_counter() - started
+
+
+def balsam_run(argv: list[str], tasks: int, slots: int, root: Path) -> dict[str, float]:
+    """Seconds from the launcher's start to the last JOB_FINISHED event, and stats."""
+    site_dir = root / f"site-{slots}-{tasks}"
+    site = Site.init(site_dir, cpus_per_node=slots)
+    site.add_tasks([{"command": argv, "node_packing_count": slots}] * tasks)
+    launcher = Launcher(
+        site,
+        LauncherOptions(nodes=local_nodes(1, slots, 0), idle_timeout_s=1.0, poll_s=0.05),
+        processor=lambda lid: TransitionProcessor(site, None, owner_id=lid),
+    )
+    started = time.time()
+    launcher.run()
+    with site.db.session() as s:
+        last = s.scalar(select(func.max(TaskEvent.time)).where(TaskEvent.to_state == "JOB_FINISHED"))
+        done = s.scalar(select(func.count()).where(TaskEvent.to_state == "JOB_FINISHED"))
+        events = s.scalar(select(func.count()).select_from(TaskEvent))
+    site.db.dispose()
+    return {"seconds": (last or time.time()) - started, "finished": done, "events": events}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--sleep-tasks", type=int, default=200)
+    parser.add_argument("--sleep-slots", type=int, default=4)
+    args = parser.parse_args()
+    common = {"python": platform.python_version(), "cpus": os.cpu_count(),
+              "loadavg_1m": os.getloadavg()[0]}
+    root = Path(tempfile.mkdtemp(prefix="balsam-throughput-"))
+    try:
+        true = [shutil.which("true") or "/bin/true"]
+        print(f"baseline: Popen pool, {args.tasks} x true on {args.slots} slots", file=sys.stderr)
+        base = popen_pool(true, args.tasks, args.slots)
+        print(f"balsam: launcher, {args.tasks} x true on {args.slots} slots", file=sys.stderr)
+        run = balsam_run(true, args.tasks, args.slots, root)
+        base_rate, rate = args.tasks / base, run["finished"] / run["seconds"]
+        print(json.dumps({
+            "bench": "throughput_true", "tasks": args.tasks, "slots": args.slots,
+            "balsam_seconds": round(run["seconds"], 3), "balsam_tasks_per_s": round(rate, 1),
+            "baseline": "python Popen pool, same argv, no database",
+            "baseline_seconds": round(base, 3), "baseline_tasks_per_s": round(base_rate, 1),
+            "ratio": round(rate / base_rate, 3), "target_ratio": 0.6,
+            "target_met": rate / base_rate >= 0.6, "finished": run["finished"],
+            "events": run["events"], **common,
+        }))
+        sleep = ["sleep", "0.05"]
+        ideal = args.sleep_tasks * 0.05 / args.sleep_slots
+        print(f"balsam: {args.sleep_tasks} x sleep 0.05 on {args.sleep_slots} slots", file=sys.stderr)
+        base = popen_pool(sleep, args.sleep_tasks, args.sleep_slots)
+        run = balsam_run(sleep, args.sleep_tasks, args.sleep_slots, root)
+        print(json.dumps({
+            "bench": "throughput_sleep", "tasks": args.sleep_tasks, "slots": args.sleep_slots,
+            "balsam_seconds": round(run["seconds"], 3), "ideal_seconds": ideal,
+            "baseline": "python Popen pool", "baseline_seconds": round(base, 3),
+            "ratio": round(base / run["seconds"], 3), "target_seconds": 2.65,
+            "target_met": run["seconds"] <= 2.65, "finished": run["finished"], **common,
+        }))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
