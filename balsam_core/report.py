@@ -1,10 +1,11 @@
 """What happened, from the task history: states, throughput, runs and node utilization.
 
-Everything is computed from TaskEvent rows (DESIGN §4) in a handful of queries,
-whatever the number of tasks: counts by state, the first and last event, the
-JOB_FINISHED times, and one windowed query that pairs every RUNNING event with the
-event that ended it and the READY / RESTART_READY event before it.  The rest is
-arithmetic on plain data::
+Everything is computed from TaskEvent rows (DESIGN §4) in five queries, whatever
+the number of tasks: counts by state, the first and last event, the JOB_FINISHED
+times, run outcomes by state, and one row per run (its RUNNING event, the event
+that ended it and the READY / RESTART_READY event before it, found through the
+``(task_id, time)`` index).  The rest is arithmetic on plain data
+(:func:`compute`)::
 
     from balsam_core.api import Site
     from balsam_core.report import build_report, write_png
@@ -17,8 +18,8 @@ Definitions:
 * **window**: from the first event to the last one; while some run is still open
   (RUNNING without a later event) up to the report's *now* instead, since that run
   counts until then.  The window is cut into *bins* of equal width.
-* **run**: from a RUNNING event to the task's next event (RUN_DONE, RUN_ERROR,
-  RUN_TIMEOUT or USER_KILLED).
+* **run**: from a RUNNING event to the task's next event, the one leaving RUNNING
+  (RUN_DONE, RUN_ERROR, RUN_TIMEOUT or USER_KILLED).  A task may have several runs.
 * **footprint** of a run: ``num_nodes / node_packing_count`` for a one-node task
   (tasks sharing a node), else ``num_nodes``.
 * **node utilization** of a bin: the busy node-seconds of the runs inside it over
@@ -40,14 +41,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.orm import aliased
 
 from .api import Site
 from .errors import BalsamError, ValidationError
 from .models import Task, TaskEvent
 from .states import State
 
-#: Events that end a run.
-RUN_END_STATES = (State.RUN_DONE, State.RUN_ERROR, State.RUN_TIMEOUT, State.USER_KILLED)
 #: Events that put a task in the queue for a launcher.
 QUEUED_STATES = (State.READY, State.RESTART_READY)
 #: Outcome name of a run that has not ended.
@@ -134,8 +134,6 @@ class Run(NamedTuple):
     start: float
     #: None while still running.
     end: float | None
-    #: The state that ended it, or None.
-    outcome: str | None
     footprint: float
     #: Seconds from READY / RESTART_READY to RUNNING, if that event is known.
     queue_wait: float | None
@@ -171,68 +169,98 @@ def build_report(
         raise ValidationError(f"nodes must be a positive number, got {nodes}")
     tags = {k: str(v) for k, v in (tags or {}).items()}
     now = time.time() if now is None else now
+    ids = None
+    if workflow is not None or tags:
+        ids = Site._filter(select(Task.id), workflow=workflow, tags=tags)
 
-    def scope(query: Any) -> Any:
-        return Site._filter(query, workflow=workflow, tags=tags)
+    def scoped(query: Any) -> Any:
+        """*query* on TaskEvent, limited to the selected tasks."""
+        return query if ids is None else query.where(TaskEvent.task_id.in_(ids))
 
-    filtered = workflow is not None or bool(tags)
     with site.db.session() as s:
-        states = dict(s.execute(scope(select(Task.state, func.count())).group_by(Task.state)).all())
-        span = select(func.min(TaskEvent.time), func.max(TaskEvent.time))
-        if filtered:  # unfiltered: two index look-ups, no scan
-            span = scope(span.join(Task, Task.id == TaskEvent.task_id))
-        first, last = s.execute(span).one()
-        done = select(TaskEvent.time).where(TaskEvent.to_state == State.JOB_FINISHED.value)
-        if filtered:
-            done = scope(done.join(Task, Task.id == TaskEvent.task_id))
-        finished_times = sorted(s.connection().scalars(done))
-        runs = query_runs(s, scope)
+        db = s.connection()  # Core execution: none of the ORM's per-row work
+        if db.dialect.name == "postgresql":
+            # One snapshot for every query, while launchers keep writing.
+            db.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # The correlated look-ups below look expensive to the planner, whose JIT
+            # then spends longer compiling than the query takes to run.
+            db.exec_driver_sql("SET LOCAL jit = off")
+        states = dict(
+            db.execute(
+                Site._filter(select(Task.state, func.count()), workflow=workflow, tags=tags)
+                .group_by(Task.state)
+            ).all()
+        )
+        # Two subqueries: SQLite answers a lone min() or max() from the index.
+        first, last = db.execute(
+            select(
+                scoped(select(func.min(TaskEvent.time))).scalar_subquery(),
+                scoped(select(func.max(TaskEvent.time))).scalar_subquery(),
+            )
+        ).one()
+        finished_times = sorted(
+            db.scalars(
+                scoped(select(TaskEvent.time).where(TaskEvent.to_state == State.JOB_FINISHED.value))
+            )
+        )
+        outcomes = dict(
+            db.execute(
+                scoped(select(TaskEvent.to_state, func.count()))
+                .where(TaskEvent.from_state == State.RUNNING.value)
+                .group_by(TaskEvent.to_state)
+            ).all()
+        )
+        runs = query_runs(s, ids)
     return compute(
         runs, finished_times, states=states, first_event=first, last_event=last,
-        workflow=workflow, tags=tags, bins=bins, nodes=nodes, now=now,
+        run_outcomes=outcomes, workflow=workflow, tags=tags, bins=bins, nodes=nodes, now=now,
     )
 
 
-def query_runs(session: Any, scope: Callable[[Any], Any] = lambda q: q) -> list[Run]:
-    """Every run of the tasks *scope* selects, from one ordered scan of their events.
+def query_runs(session: Any, task_ids: Any = None) -> list[Run]:
+    """Every run (of the tasks the ``select`` *task_ids* names, else of all), in one query.
 
-    Only the events that matter are read (entering READY, RESTART_READY or RUNNING,
-    and leaving RUNNING), in the order of the ``(task_id, time)`` index, and paired
-    here: a RUNNING event ends at the task's next event; the READY / RESTART_READY
-    event just before it is when the task was queued.  (Window functions would do
-    the pairing in SQL, but cost SQLite several times the scan.)
+    One row per RUNNING event; its end (the task's next event leaving RUNNING) and
+    its queue time (the task's last READY / RESTART_READY event before it) are
+    correlated look-ups on the ``(task_id, time)`` index of the events.  Events at
+    the same time are ordered by id.
     """
-    queued = {s.value for s in QUEUED_STATES}
     running = State.RUNNING.value
-    query = scope(
-        select(
-            TaskEvent.task_id, TaskEvent.time, TaskEvent.to_state,
-            Task.num_nodes, Task.node_packing_count,
+    run, nxt, prev = (aliased(TaskEvent, name=n) for n in ("run", "nxt", "prev"))
+    end = (
+        select(func.min(nxt.time))
+        .where(
+            nxt.task_id == run.task_id,
+            nxt.from_state == running,
+            nxt.time >= run.time,
+            or_(nxt.time > run.time, nxt.id > run.id),
         )
-        .join(Task, Task.id == TaskEvent.task_id)
-        .where(or_(TaskEvent.to_state.in_([*queued, running]), TaskEvent.from_state == running))
-    ).order_by(TaskEvent.task_id, TaskEvent.time, TaskEvent.id)
-    runs: list[Run] = []
-    task = start = fp = wait = queued_at = None
-    # Core execution (none of the ORM's per-row work), fetched in blocks.
+        .scalar_subquery()
+    )
+    queued = (
+        select(func.max(prev.time))
+        .where(
+            prev.task_id == run.task_id,
+            prev.to_state.in_([s.value for s in QUEUED_STATES]),
+            prev.time <= run.time,
+            or_(prev.time < run.time, prev.id < run.id),
+        )
+        .scalar_subquery()
+    )
+    query = (
+        select(run.task_id, run.time, end, queued, Task.num_nodes, Task.node_packing_count)
+        .join(Task, Task.id == run.task_id)
+        .where(run.to_state == running)
+    )
+    if task_ids is not None:
+        query = query.where(run.task_id.in_(task_ids))
     result = session.connection().execute(query)
-    rows = (row for block in result.partitions(10_000) for row in block)
-    for task_id, when, state, num_nodes, packing in rows:
-        if task_id != task:
-            if start is not None:
-                runs.append(Run(task, start, None, None, fp, wait))
-            task, start, queued_at = task_id, None, None
-        if start is not None:  # whatever comes next ends the run
-            runs.append(Run(task_id, start, when, state, fp, wait))
-            start = queued_at = None
-        if state == running:
-            start, fp = when, footprint(num_nodes, packing)
-            wait = None if queued_at is None else when - queued_at
-        elif state in queued:
-            queued_at = when
-    if start is not None:
-        runs.append(Run(task, start, None, None, fp, wait))
-    return runs
+    return [
+        Run(task_id, start, stop, footprint(num_nodes, packing),
+            None if queued_at is None else start - queued_at)
+        for block in result.partitions(10_000)
+        for task_id, start, stop, queued_at, num_nodes, packing in block
+    ]
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -245,13 +273,15 @@ def compute(
     states: Mapping[str, int],
     first_event: float | None,
     last_event: float | None,
+    run_outcomes: Mapping[str, int] | None = None,
     workflow: str | None = None,
     tags: Mapping[str, str] | None = None,
     bins: int = 20,
     nodes: float | None = None,
     now: float | None = None,
 ) -> Report:
-    """The report from plain data (no database): runs, finish times, state counts."""
+    """The report from plain data (no database): runs, finish times, state counts,
+    and how many runs ended in each state (*run_outcomes*; open runs are added)."""
     now = time.time() if now is None else now
     finished_times = sorted(finished_times)
     open_runs = [r for r in runs if r.end is None]
@@ -269,10 +299,9 @@ def compute(
         nodes_source = "peak"
         nodes = float(math.ceil(peak - 1e-9)) if peak > 0 else None
 
-    outcomes: dict[str, int] = {}
-    for r in runs:
-        key = r.outcome or OPEN
-        outcomes[key] = outcomes.get(key, 0) + 1
+    outcomes = {k: v for k, v in sorted((run_outcomes or {}).items()) if v}
+    if open_runs:
+        outcomes[OPEN] = len(open_runs)
     durations = [r.end - r.start for r in runs if r.end is not None]
     waits = [r.queue_wait for r in runs if r.queue_wait is not None]
 
@@ -409,8 +438,9 @@ def write_png(report: Report, path: str | Path, title: str | None = None) -> Non
             bottom.axhline(mean, color="black", linestyle="--", linewidth=1.2,
                            label=f"mean {mean:.1f}%")
         bottom.axhline(100.0, color="gray", linewidth=0.8)
-        bottom.set_ylim(0, max(105.0, max(values) * 1.05))
-        bottom.legend(loc="lower right", fontsize=9)
+        # Head room above 100% for the legend, clear of the bars.
+        bottom.set_ylim(0, max(100.0, max(values)) * 1.18)
+        bottom.legend(loc="upper right", ncol=2, fontsize=9)
     else:
         bottom.text(0.5, 0.5, "no runs", ha="center", va="center", transform=bottom.transAxes)
     nodes = _nodes_text(report)
@@ -436,10 +466,10 @@ def _time_unit(span: float) -> tuple[str, float]:
 def _nodes_text(report: Report) -> str:
     if report.nodes is None:
         return "nodes: unknown (no runs)"
-    n = f"{report.nodes:g}"
+    n = f"{report.nodes:g} node" + ("" if report.nodes == 1 else "s")
     if report.nodes_source == "given":
-        return f"{n} nodes (given)"
-    return f"{n} nodes = peak concurrent footprint"
+        return f"{n} (given)"
+    return f"{n} = peak concurrent footprint"
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -10,6 +10,7 @@ one that spawns 5 children at run time: 58 tasks to start with, all plain progra
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def _apps(site: Site) -> None:
 def build(site: Site) -> dict[str, list[int]]:
     """Add the apps (if missing) and the workflow's tasks; return the ids by stage."""
     _apps(site)
-    shared = {"workflow": "sweep", "node_packing_count": 8}
+    # Serial tasks share a node, one per CPU of this machine.
+    shared = {"workflow": "sweep", "node_packing_count": os.cpu_count() or 1}
     (setup,) = site.add_tasks([{"app": "setup", "name": "setup", **shared}])
     sims = site.add_tasks(
         {

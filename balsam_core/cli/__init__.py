@@ -18,6 +18,7 @@ from .app import app_group
 from .common import Context
 from .launcher import launcher_command
 from .plugins import plugins_command
+from .report import report_command
 from .site import site_group
 from .task import task_group
 
@@ -80,6 +81,7 @@ cli.add_command(app_group)
 cli.add_command(task_group)
 cli.add_command(plugins_command)
 cli.add_command(launcher_command)
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
-from ..report import PlotUnavailable, Report, build_report, fmt_duration, write_png
+from ..report import OPEN, PlotUnavailable, Report, build_report, fmt_duration, write_png
 from .common import Context, echo_json, fmt_time, pass_ctx, parse_pairs, table
 
 BAR_WIDTH = 40
 
 
 @click.command("report")
-@click.option("-w", "--wf", "--workflow", "workflow", metavar="NAME", help="Only tasks of this workflow.")
-@click.option("-t", "--tag", "tags", multiple=True, metavar="K=V", help="Only tasks with this tag (repeatable).")
+@click.option("-w", "--wf", "--workflow", "workflow", metavar="NAME",
+              help="Only tasks of this workflow.")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="K=V",
+              help="Only tasks with this tag (repeatable).")
 @click.option("--bins", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="Time bins the window is cut into.")
 @click.option("--nodes", type=click.FloatRange(min=0, min_open=True),
@@ -36,17 +39,21 @@ def report_command(
     filters = parse_pairs(tags, "--tag")
     if png is not None:
         _need_matplotlib()
+        folder = Path(png).absolute().parent
+        if not folder.is_dir():
+            raise click.ClickException(f"cannot write {png}: no directory {folder}")
     site = ctx.site()
     report = build_report(site, workflow=workflow, tags=filters, bins=bins, nodes=nodes)
+    if png is not None:  # first: a failure prints nothing but the error
+        try:
+            write_png(report, png, title=_title(site.config.site.name, report))
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {png}: {exc.strerror or exc}") from None
     if as_json:
         echo_json(report.to_dict())
     else:
         click.echo(render_text(report))
     if png is not None:
-        try:
-            write_png(report, png, title=_title(site.config.site.name, report))
-        except OSError as exc:
-            raise click.ClickException(f"cannot write {png}: {exc.strerror or exc}") from None
         click.echo(f"Wrote {png}", err=as_json)
 
 
@@ -93,7 +100,9 @@ def render_text(report: Report) -> str:
                 f"({fmt_duration(report.span_s)}, first event to {until})")
     rate = report.throughput_per_min
     add("Finished", f"{report.finished}" + (f" ({rate:.2f} tasks/min)" if rate is not None else ""))
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report.run_outcomes.items()))
+    outcomes = ", ".join(
+        f"{'still running' if k == OPEN else k} {v}" for k, v in report.run_outcomes.items()
+    )
     add("Runs", f"{report.runs}" + (f": {outcomes}" if outcomes else ""))
     if report.run_time_mean_s is not None:
         add("Run time", f"mean {fmt_duration(report.run_time_mean_s)}, "
