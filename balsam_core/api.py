@@ -19,6 +19,7 @@ Every call runs in one transaction: on any error nothing is written.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -267,7 +268,15 @@ class Site:
         ``new task #N`` (N counted from 1), or by its entry in *labels* (e.g.
         ``tasks.jsonl line 7``), and nothing is written.
         """
-        specs = list(specs)
+        with _gc_paused():
+            return self._add_tasks(list(specs), labels, spawned_by)
+
+    def _add_tasks(
+        self,
+        specs: list[Mapping[str, Any]],
+        labels: Sequence[str] | None,
+        spawned_by: int | None,
+    ) -> list[int]:
         if labels is None:
             labels = [f"new task #{i}" for i in range(1, len(specs) + 1)]
         elif len(labels) != len(specs):
@@ -652,6 +661,19 @@ class Site:
                 ]
             )
         return len(ids)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a bulk add allocates millions of small,
+    acyclic objects, and collections triggered by them cost a fifth of its time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _empty(directory: Path) -> None:
