@@ -437,25 +437,15 @@ class Site:
 
     def parents(self, task_id: int) -> list[int]:
         """Ids of the tasks *task_id* waits for."""
-        with self.db.session() as s:
-            return list(
-                s.scalars(
-                    select(TaskDependency.parent_id)
-                    .where(TaskDependency.child_id == task_id)
-                    .order_by(TaskDependency.parent_id)
-                )
-            )
+        return self._linked(TaskDependency.parent_id, TaskDependency.child_id, task_id)
 
     def children(self, task_id: int) -> list[int]:
         """Ids of the tasks waiting for *task_id*."""
+        return self._linked(TaskDependency.child_id, TaskDependency.parent_id, task_id)
+
+    def _linked(self, wanted: Any, given: Any, task_id: int) -> list[int]:
         with self.db.session() as s:
-            return list(
-                s.scalars(
-                    select(TaskDependency.child_id)
-                    .where(TaskDependency.parent_id == task_id)
-                    .order_by(TaskDependency.child_id)
-                )
-            )
+            return list(s.scalars(select(wanted).where(given == task_id).order_by(wanted)))
 
     # ------------------------------------------------------------------ queries
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -21,23 +20,16 @@ from sqlalchemy.orm import Session
 from .db import bulk_insert
 from .errors import NotFound
 from .models import Task, TaskDependency, TaskEvent
-from .plugin_types import TransitionEvent
+from .plugin_types import StateUpdate, TransitionEvent
 from .states import State, check_transition
 
 #: Ids per ``IN (...)`` list; well below SQLite's and PostgreSQL's parameter limits.
 CHUNK = 5000
 
 
-@dataclass(frozen=True)
-class Change:
-    """Move one task to *to_state*, saying why."""
-
-    task_id: int
-    to_state: State
-    message: str = ""
-    return_code: int | None = None
-    #: When it happened (epoch s); None: when it is written.
-    time: float | None = None
+#: A state change to apply: the same record a launcher reports (task id, target state,
+#: message, return code, time).
+Change = StateUpdate
 
 
 def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
@@ -110,8 +102,8 @@ def _apply_round(
             raise NotFound(f"no task with id {change.task_id}")
         if src is State.USER_KILLED and skip_killed:
             continue
-        check_transition(src, change.to_state, change.task_id)
-        groups[(src, change.to_state)].append(change.task_id)
+        check_transition(src, change.state, change.task_id)
+        groups[(src, change.state)].append(change.task_id)
         accepted.append((change, src))
     for (src, dst), ids in groups.items():
         for part in chunks(ids):
@@ -134,7 +126,7 @@ def _apply_round(
             codes,
         )
     events = [
-        TransitionEvent(c.task_id, src, c.to_state, c.time or now, c.message, launcher_id)
+        TransitionEvent(c.task_id, src, c.state, c.time or now, c.message, launcher_id)
         for c, src in accepted
     ]
     record_events(session, events, batch_job_id)

@@ -185,7 +185,7 @@ class DatabaseTaskSource:
                     states[u.task_id] = u.state
                     accepted.append(u)
             tx.apply(
-                [Change(u.task_id, u.state, u.message, u.return_code, u.time) for u in accepted],
+                accepted,
                 launcher_id=launcher_id,
                 batch_job_id=info.batch_job_id,
             )

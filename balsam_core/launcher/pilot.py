@@ -64,7 +64,10 @@ class LauncherOptions:
     #: SIGTERM-to-SIGKILL grace when ending a task.
     grace_s: float = 5.0
     #: How long the reporter gathers updates before writing them in one transaction.
-    flush_s: float = 0.02
+    flush_s: float = 0.1
+    #: Pause between processing passes while there is work: larger batches, and the
+    #: hot loop keeps the interpreter to itself in between.
+    process_s: float = 0.1
     #: Runnable tasks leased ahead of free slots, so a freed slot is refilled at once.
     prefetch: int = 64
     #: Stop starting tasks this long before the allocation ends.
@@ -401,7 +404,7 @@ class Launcher:
         while not self._stop.is_set():
             try:
                 moved = self.processor.process_once()
-                backoff = 0.02 if moved else min(backoff * 2, self.options.poll_s)
+                backoff = self.options.process_s if moved else min(backoff * 2, self.options.poll_s)
                 if moved:
                     self.procs.wake()  # newly runnable tasks: lease them now
             except DatabaseError as exc:
