@@ -405,6 +405,7 @@ class TransitionProcessor:
             trivial_leased: list[int] = []
             recover: list[_Item] = []
             work: list[_Item] = []
+            new_dirs: list[Path] = []
             for item in items:
                 if item.state in _RECOVER:
                     recover.append(item)
@@ -412,6 +413,8 @@ class TransitionProcessor:
                     changes += [Change(item.id, st, msg) for st, msg in _FAST_FORWARD[item.state]]
                     if item.leased:
                         trivial_leased.append(item.id)
+                    if item.state is S.READY:
+                        new_dirs.append(self.data_dir / item.workdir)
                 elif len(work) < room:
                     work.append(item)
             if changes:
@@ -423,6 +426,8 @@ class TransitionProcessor:
             want_parents = [i.id for i in work if i.state is S.READY and i.input_files]
             parents = _parent_dirs(tx.session, want_parents) if want_parents else {}
         moved |= {e.task_id for e in tx.events}
+        for directory in new_dirs:  # here rather than in the launcher's hot loop
+            directory.mkdir(parents=True, exist_ok=True)
         return recover, work, parents
 
     # ------------------------------------------------------------------ recovery
