@@ -1,9 +1,12 @@
-"""The pilot's hot loop: lease, place, start, watch, report — one transaction per tick.
+"""The pilot's hot loop: lease, place, start, watch.
 
 The loop sleeps only in :meth:`ProcessGroup.wait`, which returns as soon as a task
 exits, a wall-time or kill deadline passes, a signal arrives, or the processing
-thread makes tasks runnable; so a finished task's slot is reused within the same
-tick.  Pre/post-processing runs in a worker thread (:mod:`balsam_core.processing`).
+thread makes tasks runnable; a freed slot is refilled from the tasks leased ahead
+(``prefetch``) in the same tick, without a database round trip.  State changes go to
+the :class:`~balsam_core.launcher.reporter.Reporter`, which writes them in batches,
+one transaction each; pre/post-processing runs in a worker thread
+(:mod:`balsam_core.processing`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..api import Site
 from ..errors import BalsamError, DatabaseError
@@ -34,6 +37,7 @@ from ..site import SITE_ENV
 from ..states import State
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup
+from .reporter import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -72,75 +76,6 @@ class LauncherOptions:
     prefetch: int = 64
     #: Stop starting tasks this long before the allocation ends.
     margin_s: float = 5.0
-
-
-class Reporter:
-    """Writes state updates from a background thread, one transaction per flush.
-
-    The hot loop only appends; ids the task source refuses (killed, lease lost) come
-    back through :meth:`refused` and wake the loop.
-    """
-
-    def __init__(self, source: TaskSource, launcher_id: int, wake: Any, flush_s: float) -> None:
-        self.source, self.launcher_id, self.wake, self.flush_s = source, launcher_id, wake, flush_s
-        self._pending: list[StateUpdate] = []
-        self._refused: list[int] = []
-        self._lock = threading.Lock()
-        self._has_work = threading.Event()
-        self._closing = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="balsam-reporter", daemon=True)
-        self._thread.start()
-
-    def add(self, updates: Sequence[StateUpdate]) -> None:
-        if updates:
-            with self._lock:
-                self._pending.extend(updates)
-            self._has_work.set()
-
-    def refused(self) -> list[int]:
-        with self._lock:
-            ids, self._refused = self._refused, []
-        return ids
-
-    def _run(self) -> None:
-        while True:
-            self._has_work.wait()
-            if not self._closing:
-                time.sleep(self.flush_s)  # gather what else finishes meanwhile
-            self._has_work.clear()
-            self._flush()
-            if self._closing and not self._pending:
-                return
-
-    def _flush(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
-        delay = 0.1
-        while True:
-            try:
-                refused = self.source.report(self.launcher_id, batch)
-                break
-            except DatabaseError as exc:
-                log.warning("reporting %d updates: %s (retrying in %.1f s)", len(batch), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            except BaseException as exc:  # a bug: keep it for the main thread to raise
-                self.error = exc
-                self.wake()
-                return
-        if refused:
-            with self._lock:
-                self._refused.extend(refused)
-            self.wake()
-
-    def close(self) -> None:
-        """Flush everything still pending and stop the thread."""
-        self._closing = True
-        self._has_work.set()
-        self._thread.join()
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""The launcher's reporter: state changes written in batches from a background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ..errors import DatabaseError
+from ..plugin_types import StateUpdate, TaskSource
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Writes state updates from a background thread, one transaction per flush.
+
+    The hot loop only appends; ids the task source refuses (killed, lease lost) come
+    back through :meth:`refused` and wake the loop.
+    """
+
+    def __init__(
+        self, source: TaskSource, launcher_id: int, wake: Callable[[], None], flush_s: float
+    ) -> None:
+        self.source, self.launcher_id, self.wake, self.flush_s = source, launcher_id, wake, flush_s
+        self._pending: list[StateUpdate] = []
+        self._refused: list[int] = []
+        self._lock = threading.Lock()
+        self._has_work = threading.Event()
+        self._closing = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="balsam-reporter", daemon=True)
+        self._thread.start()
+
+    def add(self, updates: Sequence[StateUpdate]) -> None:
+        if updates:
+            with self._lock:
+                self._pending.extend(updates)
+            self._has_work.set()
+
+    def refused(self) -> list[int]:
+        with self._lock:
+            ids, self._refused = self._refused, []
+        return ids
+
+    def _run(self) -> None:
+        while True:
+            self._has_work.wait()
+            if not self._closing:
+                time.sleep(self.flush_s)  # gather what else finishes meanwhile
+            self._has_work.clear()
+            self._flush()
+            if self._closing and not self._pending:
+                return
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        delay = 0.1
+        while True:
+            try:
+                refused = self.source.report(self.launcher_id, batch)
+                break
+            except DatabaseError as exc:
+                log.warning("reporting %d updates: %s (retrying in %.1f s)", len(batch), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except BaseException as exc:  # a bug: keep it for the main thread to raise
+                self.error = exc
+                self.wake()
+                return
+        if refused:
+            with self._lock:
+                self._refused.extend(refused)
+            self.wake()
+
+    def close(self) -> None:
+        """Flush everything still pending and stop the thread."""
+        self._closing = True
+        self._has_work.set()
+        self._thread.join()
