@@ -30,7 +30,6 @@ from balsam_core.api import Site  # noqa: E402
 from balsam_core.launcher.nodes import local_nodes  # noqa: E402
 from balsam_core.launcher.pilot import Launcher, LauncherOptions  # noqa: E402
 from balsam_core.models import TaskEvent  # noqa: E402
-from balsam_core.processing import TransitionProcessor  # noqa: E402
 
 
 def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
@@ -55,7 +54,6 @@ def balsam_run(argv: list[str], tasks: int, slots: int, root: Path) -> dict[str,
     launcher = Launcher(
         site,
         LauncherOptions(nodes=local_nodes(1, slots, 0), idle_timeout_s=1.0, poll_s=0.05),
-        processor=lambda lid: TransitionProcessor(site, None, owner_id=lid),
     )
     started = time.time()
     launcher.run()

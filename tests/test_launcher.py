@@ -1,6 +1,7 @@
 """The launcher's hot loop with real processes: every way a task can end, and the
 launcher keeps running the others.  Tasks are made runnable directly (PREPROCESSED)
-so these tests exercise the loop alone; the processing thread has its own tests."""
+and processing is off, so these tests see the loop alone (the processing worker is
+tested in test_processing.py and, inside a real launcher, in test_launcher_cli.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def py(code: str) -> list[str]:
 def run(site: Site, nodes: int = 1, cpus: int = 2, gpus: int = 0, **options) -> Launcher:
     options.setdefault("idle_timeout_s", 0.3)
     options.setdefault("grace_s", 0.5)
-    launcher = Launcher(site, LauncherOptions(nodes=local_nodes(nodes, cpus, gpus), **options))
+    launcher = Launcher(
+        site, LauncherOptions(nodes=local_nodes(nodes, cpus, gpus), **options), processing=False
+    )
     launcher.run()
     return launcher
 

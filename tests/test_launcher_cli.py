@@ -35,7 +35,7 @@ def test_a_task_spawns_ten_children_that_run_in_the_same_launcher(sqlite_site: S
         "    api.spawn_child(command=['true'], name=f'child{i}', node_packing_count=4)\n"
     )
     parent = site.add_task(command=[PY, "-c", code], name="parent", node_packing_count=4).id
-    proc = launcher(site, "--idle-timeout", "2")
+    proc = launcher(site, "--idle-timeout", "5")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     children = [t for t in site.tasks() if t.spawned_by == parent]

@@ -481,6 +481,5 @@ def test_two_processors_never_claim_the_same_task(site: Site) -> None:
         per_task.setdefault(task_id, []).append(who)
     assert sorted(per_task) == sorted(all_ids)
     assert all(len(v) == 1 for v in per_task.values())
-    for batch in (ids[:200], more[:100]):
-        owners = {per_task[i][0] for i in batch}
-        assert owners == {one.owner_id, two.owner_id}
+    # Alternating calls share the work; free-running threads may not (timing decides).
+    assert {per_task[i][0] for i in ids[:200]} == {one.owner_id, two.owner_id}

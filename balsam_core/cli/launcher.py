@@ -10,7 +10,6 @@ import click
 
 from ..launcher.nodes import local_nodes
 from ..launcher.pilot import Launcher, LauncherOptions
-from ..processing import TransitionProcessor
 from ..plugin_types import NodeSpec
 from .common import Context, pass_ctx, parse_pairs
 
@@ -66,13 +65,7 @@ def launcher_command(
         nodes=tuple(nodes), end_time=end_time, idle_timeout_s=idle_timeout,
         workflow=workflow, tags=parse_pairs(tags, "--tag"), batch_job_id=batch_job_id,
     )
-    launcher = Launcher(
-        site,
-        options,
-        processor=lambda launcher_id: TransitionProcessor(
-            site, None, owner_id=launcher_id, workflow=workflow, tags=options.tags
-        ),
-    )
+    launcher = Launcher(site, options)
     launcher.install_signal_handlers()
     stats = launcher.run()
     click.echo(

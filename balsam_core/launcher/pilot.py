@@ -17,12 +17,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from ..api import Site
-from ..errors import BalsamError, DatabaseError
+from ..errors import BalsamError
 from ..plugin_types import (
     LauncherInfo,
     LaunchSpec,
@@ -38,15 +37,10 @@ from ..states import State
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup
 from .reporter import Reporter
+from .worker import ProcessingWorker
 
 log = logging.getLogger(__name__)
 
-
-class Processor(Protocol):
-    """Moves tasks through the transitions around a run (stage-in, pre/post, recovery)."""
-
-    def process_once(self) -> int:
-        """One pass; how many tasks moved."""
 
 TASK_ENV = "BALSAM_TASK_ID"
 
@@ -97,7 +91,7 @@ class Launcher:
         source: TaskSource | None = None,
         packing: PackingStrategy | None = None,
         mpi: MpiLauncher | None = None,
-        processor: Callable[[int], Processor] | None = None,
+        processing: bool = True,
     ) -> None:
         cfg = site.config
         self.site = site
@@ -110,7 +104,8 @@ class Launcher:
         )
         self.mpi: MpiLauncher = mpi or site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
         self.mpi.check()
-        self._make_processor = processor
+        self._processing = processing
+        self.worker: ProcessingWorker | None = None
         self.pool = NodePool(options.nodes)
         self.procs = ProcessGroup(grace_s=options.grace_s)
         self.queue: dict[int, LeasedTask] = {}
@@ -147,8 +142,8 @@ class Launcher:
             )
         )
         log.info("launcher %d started on %d node(s)", self.launcher_id, len(self.options.nodes))
+        self._start_processor()  # forks: before any thread starts
         self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
-        worker = self._start_processor()
         heartbeat_s = self.site.config.launcher.heartbeat_s
         next_heartbeat = time.time() + heartbeat_s
         next_poll = 0.0
@@ -175,7 +170,7 @@ class Launcher:
                 updates += self._start_placed(now)
                 self.reporter.add(updates)
                 updates = []
-                if len(self.procs) or self.queue:
+                if len(self.procs) or self.queue or (self.worker and not self.worker.idle):
                     idle_since = now
                 elif self._idle_too_long(now, idle_since):
                     self.stop("idle timeout")
@@ -186,8 +181,10 @@ class Launcher:
                 if self.options.end_time is not None:
                     wake_at.append(self._deadline())
                 updates = self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
+                if self.worker is not None and self.worker.read():
+                    next_poll = 0.0  # the worker made tasks runnable: lease them now
         finally:
-            self._shutdown(worker, updates)
+            self._shutdown(updates)
         return self.stats
 
     # ------------------------------------------------------------------ steps
@@ -326,44 +323,25 @@ class Launcher:
     def stop_reason(self) -> str:
         return self._stop_reason
 
-    def _start_processor(self) -> threading.Thread | None:
-        if self._make_processor is None:
-            return None
-        self.processor = self._make_processor(self.launcher_id)
-        thread = threading.Thread(target=self._process_loop, name="balsam-processing", daemon=True)
-        thread.start()
-        return thread
-
-    def _process_loop(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            try:
-                moved = self.processor.process_once()
-                backoff = self.options.process_s if moved else min(backoff * 2, self.options.poll_s)
-                if moved:
-                    self.procs.wake()  # newly runnable tasks: lease them now
-            except DatabaseError as exc:
-                log.warning("processing: %s (retrying)", exc)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a bug: say so, keep the launcher's tasks running
-                log.exception("processing failed; retrying in 5 s")
-                backoff = 5.0
-            self._stop.wait(backoff)
+    def _start_processor(self) -> None:
+        if self._processing:
+            self.worker = ProcessingWorker(
+                str(self.site.site_dir), self.launcher_id, self.options.workflow,
+                self.options.tags, self.options.process_s, self.options.poll_s,
+            )
+            self.procs.watch(self.worker.fileno())
 
     # ------------------------------------------------------------------ shutdown
 
-    def _shutdown(self, worker: threading.Thread | None, pending: list[StateUpdate]) -> None:
-        """Running tasks -> RUN_TIMEOUT, leases released, threads joined."""
+    def _shutdown(self, pending: list[StateUpdate]) -> None:
+        """Running tasks -> RUN_TIMEOUT, processing stopped, updates written, leases released."""
         if not self._stop_reason:
             self._stop_reason = "launcher stopped"
         self._stop.set()
         exited = self.procs.end_all("shutdown", timeout=self.options.grace_s)
         try:
-            if worker is not None:
-                worker.join(timeout=30)
-                close = getattr(self.processor, "close", None)
-                if close is not None:
-                    close()  # ends pre/post steps still running, before leases go
+            if self.worker is not None:
+                self.worker.stop()  # ends pre/post steps still running, before leases go
             self.reporter.add([*pending, *self._collect(exited)])
             self.reporter.close()
             self.source.release(self.launcher_id)

@@ -67,6 +67,10 @@ class ProcessGroup:
         """Write a byte here (e.g. ``signal.set_wakeup_fd``) to wake :meth:`wait`."""
         return self._wake_w
 
+    def watch(self, fd: int) -> None:
+        """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it)."""
+        self._selector.register(fd, selectors.EVENT_READ, "watch")
+
     def wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
@@ -120,7 +124,7 @@ class ProcessGroup:
             timeout = until if timeout is None else min(timeout, until)
         events = self._selector.select(timeout)
         for key, _ in events:
-            if key.data is None:
+            if key.data is None:  # the wake-up pipe: empty it
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
