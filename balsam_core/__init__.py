@@ -53,7 +53,7 @@ from .plugin_types import (
 )
 from .states import RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
-from .taskspec import render_argv
+from .taskspec import render_argv, task_environment
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
@@ -126,6 +126,7 @@ __all__ = [
     "hookimpl",
     "models",
     "render_argv",
+    "task_environment",
     "decide_chain",
     "describe_exit",
     "is_allowed",

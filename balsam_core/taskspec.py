@@ -72,6 +72,15 @@ def render_argv(argv: Sequence[str], parameters: Mapping[str, Any]) -> list[str]
     return [arg.format_map({k: str(v) for k, v in parameters.items()}) for arg in argv]
 
 
+def task_environment(
+    app_env: Mapping[str, Any] | None, task_env: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The variables a task adds to its environment: the app's, then the task's own."""
+    env = {str(k): str(v) for k, v in (app_env or {}).items()}
+    env.update((str(k), str(v)) for k, v in (task_env or {}).items())
+    return env
+
+
 def check_parameters(app: str, fields: set[str], parameters: Mapping[str, Any], where: str) -> None:
     """Every template field has a value, and no value is for an unknown field."""
     missing = sorted(fields - set(parameters))

@@ -31,6 +31,7 @@ from balsam_core import (
     is_allowed,
     models,
     render_argv,
+    task_environment,
 )
 
 Task, TaskTag, Launcher = models.Task, models.TaskTag, models.Launcher
@@ -125,11 +126,8 @@ class DatabaseTaskSource:
 
     def _leased(self, task: models.Task) -> LeasedTask:
         app = task.app
-        if app is not None:
-            argv = tuple(render_argv(app.command, task.parameters))
-            env = {**app.environment, **task.environment}
-        else:
-            argv, env = tuple(task.command or ()), dict(task.environment)
+        argv = tuple(render_argv(app.command, task.parameters) if app else task.command or ())
+        env = task_environment(app.environment if app else None, task.environment)
         return LeasedTask(
             task_id=task.id,
             name=task.name,

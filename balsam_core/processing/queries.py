@@ -11,6 +11,7 @@ from sqlalchemy import Text, and_, or_, select, type_coerce, update
 
 from ..models import App, Task, TaskDependency
 from ..states import State
+from ..taskspec import task_environment
 from ..transitions import chunks
 from .items import S, _Item
 
@@ -39,8 +40,7 @@ def _trivial_sql() -> Any:
 
 
 def _item(row: Any) -> _Item:
-    env = {str(k): str(v) for k, v in (row.app_environment or {}).items()}
-    env.update((str(k), str(v)) for k, v in (row.environment or {}).items())
+    env = task_environment(row.app_environment, row.environment)
     return _Item(
         id=row.id,
         state=State(row.state),
