@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,17 @@ from .errors import DatabaseError
 from .models import Base, Meta
 
 _WRITE = "balsam_write"
+#: Every open Database, so a forked child can drop the connections it inherited.
+_open: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent keeps using those connections: the child must neither use nor close them.
+    for database in list(_open):
+        database.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def resolve_url(url: str, site_dir: Path) -> URL:
@@ -104,6 +116,7 @@ class Database:
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.engine = self._make_engine()
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
+        _open.add(self)
 
     def __repr__(self) -> str:
         return f"Database({safe_url(self.url)})"

@@ -27,8 +27,7 @@ def launcher(site: Site, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_a_task_spawns_ten_children_that_run_in_the_same_launcher(sqlite_site: Site) -> None:
-    site = sqlite_site
+def test_a_task_spawns_ten_children_that_run_in_the_same_launcher(site: Site) -> None:
     code = (
         "from balsam_core import api\n"
         "for i in range(10):\n"
