@@ -213,3 +213,14 @@ def test_packing_never_overcommits(sqlite_site: Site) -> None:
     for start, _, _ in spans:
         busy = sum(cpus for s, e, cpus in spans if s <= start < e)
         assert busy <= 4
+
+
+def test_tasks_too_big_for_the_allocation_are_named(
+    sqlite_site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = sqlite_site
+    big, small = runnable(site, {"command": ["true"], "num_nodes": 2}, {"command": ["true"]})
+    run(site)
+    assert site.task(big).state == "PREPROCESSED"  # left for a larger allocation
+    assert last(site, small)[0] == "RUN_DONE"
+    assert f"task {big}: 2 node(s)" in caplog.text and "do not fit" in caplog.text

@@ -20,8 +20,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
+
 from ..api import Site
 from ..errors import BalsamError
+from ..models import Task
 from ..plugin_types import (
     LauncherInfo,
     LaunchSpec,
@@ -33,7 +36,7 @@ from ..plugin_types import (
     TaskSource,
 )
 from ..site import SITE_ENV
-from ..states import State
+from ..states import RUNNABLE, State
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup
 from .reporter import Reporter
@@ -174,6 +177,7 @@ class Launcher:
                     idle_since = now
                 elif self._idle_too_long(now, idle_since):
                     self.stop("idle timeout")
+                    self._warn_unrunnable()
                     break
                 wake_at = [next_heartbeat]
                 if room:
@@ -312,6 +316,26 @@ class Launcher:
         for task_id, task in list(self.queue.items()):
             if task.requirements.wall_time_min > left_min:
                 del self.queue[task_id]
+
+    def _warn_unrunnable(self) -> None:
+        """Say which runnable tasks were left because they never fit this allocation."""
+        query = Site._filter(
+            select(Task), state=sorted(RUNNABLE), workflow=self.options.workflow,
+            tags=dict(self.options.tags) or None,
+        ).where(Task.lease_launcher_id.is_(None))
+        with self.site.db.session() as s:
+            left = list(s.scalars(query.order_by(Task.id).limit(3)))
+        if left:
+            biggest = max(self.options.nodes, key=lambda n: n.cpus)
+            examples = "; ".join(
+                f"task {t.id}: {t.num_nodes} node(s) x {t.ranks_per_node * t.threads_per_rank}"
+                f" CPUs x {t.ranks_per_node * t.gpus_per_rank} GPUs" for t in left
+            )
+            log.warning(
+                "runnable tasks left that do not fit this allocation (%d node(s), at most %d "
+                "CPUs and %d GPUs per node): %s", len(self.options.nodes), biggest.cpus,
+                len(biggest.gpu_ids), examples,
+            )
 
     def _idle_too_long(self, now: float, idle_since: float) -> bool:
         limit = self.options.idle_timeout_s
