@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import lazyload
 
 from balsam_core import (
     RUNNABLE,
@@ -96,6 +97,7 @@ class DatabaseTaskSource:
             )
             .order_by(Task.id)
             .limit(limit)
+            .options(lazyload(Task.tag_rows))  # tags are filters here, not needed to run
         )
         info = self._info(launcher_id)
         if info.workflow is not None:
