@@ -8,7 +8,7 @@ does it for whole batches).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from .errors import BalsamError
 
@@ -68,12 +68,6 @@ RUNNABLE: frozenset[State] = frozenset({S.PREPROCESSED, S.RESTART_READY})
 END: frozenset[State] = frozenset({S.JOB_FINISHED, S.FAILED, S.USER_KILLED})
 #: States in which a task may still gain parents.
 NOT_STARTED: frozenset[State] = frozenset({S.CREATED, S.AWAITING_PARENTS, S.READY})
-#: States a task passes through between a launcher's start and its verdict.
-ACTIVE: frozenset[State] = frozenset({S.RUNNING})
-#: States worked on by the pre/post-processing side, off the launcher's hot loop.
-PROCESSABLE: frozenset[State] = frozenset(
-    {S.READY, S.STAGED_IN, S.RUN_DONE, S.POSTPROCESSED, S.RUN_ERROR, S.RUN_TIMEOUT}
-)
 #: States from which ``retry`` is allowed.
 RETRYABLE: frozenset[State] = frozenset({S.FAILED, S.RUN_ERROR, S.RUN_TIMEOUT})
 
@@ -108,11 +102,6 @@ def check_transition(src: State, dst: State, task_id: int | None = None) -> None
     """Raise :class:`InvalidTransition` unless ``src -> dst`` is allowed."""
     if dst not in TRANSITIONS[src]:
         raise InvalidTransition(task_id, src, dst)
-
-
-def parse_states(values: Iterable[str | State]) -> list[State]:
-    """Parse several state names (see :func:`parse_state`)."""
-    return [parse_state(v) for v in values]
 
 
 class BatchJobState(str, enum.Enum):

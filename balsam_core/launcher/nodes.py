@@ -77,14 +77,6 @@ class NodePool:
             node.share = max(0.0, node.share - req.node_fraction)
             node.gpus -= set(gpus)
 
-    def busy_share(self) -> float:
-        """Nodes in use, counting shared nodes fractionally (for utilization)."""
-        return sum(min(1.0, n.share) for n in self._nodes.values())
-
-    @property
-    def running(self) -> int:
-        return len(self._held)
-
 
 def local_nodes(count: int, cpus_per_node: int, gpus_per_node: int) -> tuple[NodeSpec, ...]:
     """This machine as *count* virtual nodes.

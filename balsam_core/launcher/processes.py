@@ -62,11 +62,6 @@ class ProcessGroup:
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
 
-    @property
-    def wake_fd(self) -> int:
-        """Write a byte here (e.g. ``signal.set_wakeup_fd``) to wake :meth:`wait`."""
-        return self._wake_w
-
     def watch(self, fd: int) -> None:
         """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it)."""
         self._selector.register(fd, selectors.EVENT_READ, "watch")

@@ -167,16 +167,6 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
             moved |= self._harvest(time.time() if virtual is None else virtual)
         return len(moved)
 
-    def run_until_idle(self, now: float | None = None, max_passes: int = 10_000) -> int:
-        """Passes with ``wait=True`` until one moves nothing; return the total moved."""
-        total = 0
-        for _ in range(max_passes):
-            moved = self.process_once(now, wait=True)
-            total += moved
-            if not moved and not self._inflight:
-                break
-        return total
-
     def close(self) -> None:
         """Kill running pre/post steps and stop the pool; unrecorded work is dropped
         (its leases expire or are released by the launcher, and another pass redoes it)."""
