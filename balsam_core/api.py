@@ -470,7 +470,7 @@ class Site:
     ) -> list[Task]:
         """Tasks matching every filter given, by id; page with *after_id* and *limit*."""
         first, *rest = list((tags or {}).items()) or [None]
-        query = self._filter(
+        query = filter_tasks(
             select(Task), state=state, workflow=workflow, tags=dict(rest), parent=parent, ids=ids
         )
         order = Task.id
@@ -493,44 +493,9 @@ class Site:
 
     def count(self, **filters: Any) -> dict[str, int]:
         """``{state: count}`` of the tasks matching the filters of :meth:`tasks`."""
-        query = self._filter(select(Task.state, func.count()), **filters).group_by(Task.state)
+        query = filter_tasks(select(Task.state, func.count()), **filters).group_by(Task.state)
         with self.db.session() as s:
             return dict(s.execute(query).all())
-
-    @staticmethod
-    def _filter(
-        query: Any,
-        *,
-        state: str | State | Sequence[str | State] | None = None,
-        workflow: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        parent: int | None = None,
-        ids: Sequence[int] | None = None,
-    ) -> Any:
-        if state is not None:
-            states = [state] if isinstance(state, (str, State)) else list(state)
-            try:
-                values = [parse_state(s).value for s in states]
-            except ValueError as exc:
-                raise ValidationError(str(exc)) from None
-            query = query.where(Task.state.in_(values))
-        if workflow is not None:
-            query = query.where(Task.workflow == workflow)
-        for key, value in (tags or {}).items():
-            # Correlated EXISTS: checked per candidate row through the tag table's primary
-            # key, instead of materializing every task carrying a common tag.
-            query = query.where(
-                select(TaskTag.task_id)
-                .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == str(value))
-                .exists()
-            )
-        if parent is not None:
-            query = query.where(
-                Task.id.in_(select(TaskDependency.child_id).where(TaskDependency.parent_id == parent))
-            )
-        if ids is not None:
-            query = query.where(Task.id.in_(list(ids)))
-        return query
 
     def history(self, task_id: int) -> list[TaskEvent]:
         """Every recorded state change of the task, oldest first."""
@@ -662,6 +627,42 @@ class Site:
                 ]
             )
         return len(ids)
+
+
+def filter_tasks(
+    query: Any,
+    *,
+    state: str | State | Sequence[str | State] | None = None,
+    workflow: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent: int | None = None,
+    ids: Sequence[int] | None = None,
+) -> Any:
+    """*query* (a select over Task) narrowed to the tasks matching every filter given."""
+    if state is not None:
+        states = [state] if isinstance(state, (str, State)) else list(state)
+        try:
+            values = [parse_state(s).value for s in states]
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        query = query.where(Task.state.in_(values))
+    if workflow is not None:
+        query = query.where(Task.workflow == workflow)
+    for key, value in (tags or {}).items():
+        # Correlated EXISTS: checked per candidate row through the tag table's primary
+        # key, instead of materializing every task carrying a common tag.
+        query = query.where(
+            select(TaskTag.task_id)
+            .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == str(value))
+            .exists()
+        )
+    if parent is not None:
+        query = query.where(
+            Task.id.in_(select(TaskDependency.child_id).where(TaskDependency.parent_id == parent))
+        )
+    if ids is not None:
+        query = query.where(Task.id.in_(list(ids)))
+    return query
 
 
 @contextmanager

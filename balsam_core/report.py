@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import aliased
 
-from .api import Site
+from .api import Site, filter_tasks
 from .errors import BalsamError, ValidationError
 from .models import Task, TaskEvent
 from .states import State
@@ -171,7 +171,7 @@ def build_report(
     now = time.time() if now is None else now
     ids = None
     if workflow is not None or tags:
-        ids = Site._filter(select(Task.id), workflow=workflow, tags=tags)
+        ids = filter_tasks(select(Task.id), workflow=workflow, tags=tags)
 
     def scoped(query: Any) -> Any:
         """*query* on TaskEvent, limited to the selected tasks."""
@@ -187,7 +187,7 @@ def build_report(
             db.exec_driver_sql("SET LOCAL jit = off")
         states = dict(
             db.execute(
-                Site._filter(select(Task.state, func.count()), workflow=workflow, tags=tags)
+                filter_tasks(select(Task.state, func.count()), workflow=workflow, tags=tags)
                 .group_by(Task.state)
             ).all()
         )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from ..api import Site
+from ..api import Site, filter_tasks
 from ..errors import BalsamError
 from ..models import Task
 from ..plugin_types import (
@@ -319,7 +319,7 @@ class Launcher:
 
     def _warn_unrunnable(self) -> None:
         """Say which runnable tasks were left because they never fit this allocation."""
-        query = Site._filter(
+        query = filter_tasks(
             select(Task), state=sorted(RUNNABLE), workflow=self.options.workflow,
             tags=dict(self.options.tags) or None,
         ).where(Task.lease_launcher_id.is_(None))

@@ -54,7 +54,7 @@ from typing import Any
 
 from sqlalchemy import and_, not_, or_, select, update
 
-from ..api import TASK_ENV, Site
+from ..api import TASK_ENV, Site, filter_tasks
 from ..models import App, Task
 from ..plugin_types import RecoveryPolicy
 from ..site import SITE_ENV
@@ -210,7 +210,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
             .order_by(Task.id)
             .limit(limit)
         )
-        return Site._filter(query, workflow=self.workflow, tags=self.tags)
+        return filter_tasks(query, workflow=self.workflow, tags=self.tags)
 
     def _claim(
         self, now: float, moved: set[int]
@@ -226,7 +226,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
             # Nothing last time: look before taking SQLite's database-wide write lock.
             with self.site.db.session() as s:
                 probe = select(Task.id).where(Task.state.in_(states), claimable).limit(1)
-                probe = Site._filter(probe, workflow=self.workflow, tags=self.tags)
+                probe = filter_tasks(probe, workflow=self.workflow, tags=self.tags)
                 if s.execute(probe).first() is None:
                     return [], [], {}
         trivial_sql = _trivial_sql()
