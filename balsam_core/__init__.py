@@ -54,6 +54,13 @@ from .plugin_types import (
 from .states import RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
 from .taskspec import render_argv, task_environment
+from .mpi_support import (
+    MpiexecLauncher,
+    RankEnvironment,
+    check_mpiexec_settings,
+    find_executable,
+    rank_environment,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
@@ -127,6 +134,11 @@ __all__ = [
     "models",
     "render_argv",
     "task_environment",
+    "MpiexecLauncher",
+    "RankEnvironment",
+    "check_mpiexec_settings",
+    "find_executable",
+    "rank_environment",
     "decide_chain",
     "describe_exit",
     "is_allowed",

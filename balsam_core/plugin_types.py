@@ -201,9 +201,16 @@ class LaunchSpec:
     threads_per_rank: int = 1
     gpus_per_rank: int = 0
     gpu_ids: tuple[tuple[int, ...], ...] = ()
+    #: The complete environment of the launch command (the launcher's own plus the task's).
     env: Mapping[str, str] = field(default_factory=dict)
     #: Extra launcher flags from the site defaults and the task.
     mpi_flags: tuple[str, ...] = ()
+    #: Names in ``env`` set for this task (its app and task environment, ``BALSAM_*``):
+    #: an MPI launcher must forward them to ranks on other nodes.
+    export: tuple[str, ...] = ()
+    #: False: do not bind ranks to CPUs (a serial-mode agent spreads its tasks over
+    #: the whole node).
+    bind: bool = True
 
     @property
     def num_ranks(self) -> int:

@@ -24,6 +24,7 @@ from balsam_core import (
     PluginContext,
     PluginError,
     hookimpl,
+    rank_environment,
 )
 
 __all__ = ["DirectLauncher", "balsam_mpi_launchers"]
@@ -63,11 +64,8 @@ class DirectLauncher:
                 f"{_count(nodes, 'node')} × {_count(ranks, 'rank')} per node: "
                 "select an MPI launcher (mpich, openmpi, aprun) in [launcher] mpi"
             )
-        env = dict(spec.env)
-        env["OMP_NUM_THREADS"] = str(spec.threads_per_rank)
-        if spec.gpu_ids and spec.gpu_ids[0]:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids[0])
-        return LaunchCommand(argv=tuple(spec.argv), env=env)
+        ranks = rank_environment(spec)
+        return LaunchCommand(argv=ranks.argv, env=ranks.env)
 
 
 @hookimpl

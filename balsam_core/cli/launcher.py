@@ -10,6 +10,7 @@ import click
 
 from ..launcher.nodes import local_nodes
 from ..launcher.pilot import Launcher, LauncherOptions
+from ..launcher.serial import run_serial
 from ..plugin_types import NodeSpec
 from .common import Context, pass_ctx, parse_pairs
 
@@ -27,8 +28,9 @@ def split_nodes(nodes: Sequence[NodeSpec], count: int, cpus_per_node: int) -> tu
 
 
 @click.command("launcher")
-@click.option("--mode", type=click.Choice(["mpi"]), default="mpi", show_default=True,
-              help="mpi: every task through the MPI launcher plugin.")
+@click.option("--mode", type=click.Choice(["mpi", "serial"]), default="mpi", show_default=True,
+              help="mpi: every task through the MPI launcher plugin; serial: one agent per "
+              "node (started through the MPI launcher) forks single-node tasks.")
 @click.option("--wf", "workflow", help="Only run tasks of this workflow.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Only run tasks with this tag.")
 @click.option("--time-limit-min", type=click.FloatRange(min=0, min_open=True),
@@ -65,6 +67,10 @@ def launcher_command(
         nodes=tuple(nodes), end_time=end_time, idle_timeout_s=idle_timeout,
         workflow=workflow, tags=parse_pairs(tags, "--tag"), batch_job_id=batch_job_id,
     )
+    if mode == "serial":
+        mpi = site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
+        mpi.check()
+        raise SystemExit(run_serial(site, options, mpi))
     launcher = Launcher(site, options)
     launcher.install_signal_handlers()
     stats = launcher.run()

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 
 TASK_ENV = "BALSAM_TASK_ID"
+#: Longest the loop goes without looking at ``LauncherOptions.stop_file``.
+STOP_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class LauncherOptions:
     prefetch: int = 64
     #: Stop starting tasks this long before the allocation ends.
     margin_s: float = 5.0
+    #: Stop (as on SIGTERM) once this file exists; checked every ``STOP_CHECK_S``.
+    stop_file: str | None = None
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Launcher:
         packing: PackingStrategy | None = None,
         mpi: MpiLauncher | None = None,
         processing: bool = True,
+        mode: str = "mpi",
     ) -> None:
         cfg = site.config
         self.site = site
@@ -108,6 +113,7 @@ class Launcher:
         self.mpi: MpiLauncher = mpi or site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
         self.mpi.check()
         self._processing = processing
+        self.mode = mode
         self.worker: ProcessingWorker | None = None
         self.pool = NodePool(options.nodes)
         self.procs = ProcessGroup(grace_s=options.grace_s)
@@ -139,7 +145,7 @@ class Launcher:
         """Run until the allocation ends, the idle timeout passes, or :meth:`stop`."""
         self.launcher_id = self.source.register(
             LauncherInfo(
-                host=socket.gethostname(), pid=os.getpid(), mode="mpi",
+                host=socket.gethostname(), pid=os.getpid(), mode=self.mode,
                 batch_job_id=self.options.batch_job_id, workflow=self.options.workflow,
                 tags=dict(self.options.tags),
             )
@@ -167,6 +173,9 @@ class Launcher:
                 if self._out_of_time(now):
                     self.stop("allocation ends")
                     break
+                if self.options.stop_file and os.path.exists(self.options.stop_file):
+                    self.stop("stop requested")
+                    break
                 room = self._has_room()
                 if room and now >= next_poll and len(self.queue) < self._slots():
                     next_poll = now + (0.0 if self._lease() else self.options.poll_s)
@@ -176,14 +185,19 @@ class Launcher:
                 if len(self.procs) or self.queue or (self.worker and not self.worker.idle):
                     idle_since = now
                 elif self._idle_too_long(now, idle_since):
-                    self.stop("idle timeout")
-                    self._warn_unrunnable()
-                    break
+                    if self.worker is None and self._work_coming():
+                        idle_since = now  # another launcher's worker is preparing tasks
+                    else:
+                        self.stop("idle timeout")
+                        self._warn_unrunnable()
+                        break
                 wake_at = [next_heartbeat]
                 if room:
                     wake_at.append(next_poll)
                 if self.options.end_time is not None:
                     wake_at.append(self._deadline())
+                if self.options.stop_file:
+                    wake_at.append(now + STOP_CHECK_S)
                 updates = self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
                 if self.worker is not None and self.worker.read():
                     next_poll = 0.0  # the worker made tasks runnable: lease them now
@@ -234,6 +248,7 @@ class Launcher:
             ranks_per_node=req.ranks_per_node, threads_per_rank=req.threads_per_rank,
             gpus_per_rank=req.gpus_per_rank, gpu_ids=gpu_ids, env=env,
             mpi_flags=(*self.site.config.launcher.mpi_flags, *task.mpi_flags),
+            export=(*task.env, TASK_ENV, SITE_ENV),
         )
         try:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +331,15 @@ class Launcher:
         for task_id, task in list(self.queue.items()):
             if task.requirements.wall_time_min > left_min:
                 del self.queue[task_id]
+
+    def _work_coming(self) -> bool:
+        """Are tasks this launcher could run being prepared (stage-in, preprocess)?"""
+        query = filter_tasks(
+            select(Task.id), state=[State.READY, State.STAGED_IN], workflow=self.options.workflow,
+            tags=dict(self.options.tags) or None,
+        ).where(Task.num_nodes <= len(self.options.nodes))
+        with self.site.db.session() as s:
+            return s.scalars(query.limit(1)).first() is not None
 
     def _warn_unrunnable(self) -> None:
         """Say which runnable tasks were left because they never fit this allocation."""
