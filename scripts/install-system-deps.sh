@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Balsam test-suite needs for its real-component
-# tests (PostgreSQL server + client, ...). Idempotent: does nothing when every
+# tests (PostgreSQL server + client, MPICH, Open MPI, ...). Idempotent: does nothing when every
 # check passes; otherwise runs one `apt-get update -qq` and installs only the
 # missing packages.
 #
@@ -22,10 +22,12 @@ have_cmd() { command -v "$1" >/dev/null 2>&1; }  # have_cmd PROGRAM
 # The check command is word-split (no eval); keep arguments free of spaces.
 DEPS=(
   "have_glob /usr/lib/postgresql/*/bin/initdb | postgresql-15 postgresql-client-15"
-  # Future real-component tests, e.g.:
-  # "have_cmd sinfo | slurm-wlm"
-  # "have_cmd mpiexec.mpich | mpich"
-  # "have_cmd mpiexec.openmpi | openmpi-bin"
+  # MPICH and Open MPI side by side (mpiexec.mpich / mpiexec.openmpi), with compilers
+  # for the tests' MPI probe program.
+  "have_cmd mpiexec.mpich | mpich"
+  "have_cmd mpicc.mpich | libmpich-dev"
+  "have_cmd mpiexec.openmpi | openmpi-bin"
+  "have_cmd mpicc.openmpi | libopenmpi-dev"
 )
 
 missing_packages() {

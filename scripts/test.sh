@@ -3,7 +3,7 @@
 #
 # Creates (or reuses) a virtualenv at ${BALSAM_VENV:-.venv} (relative paths are
 # relative to the repo root), installs the package with its test and postgres
-# extras, installs missing system packages for the real-component tests, then
+# extras and every plugin distribution under plugins/, installs missing system packages for the real-component tests, then
 # runs pytest from the repo root. With CI=true, BALSAM_REQUIRE_REAL=1 is
 # exported so skipped real-component tests fail instead.
 # Exit code: pytest's, except 5 (no tests collected) becomes 1.
@@ -24,13 +24,19 @@ if [[ ! -x $PY ]]; then
   }
 fi
 
-# pip install only when pyproject.toml (or the interpreter) changed since the
+# The core with its extras, and every plugin distribution under plugins/.
+install_args=(-e '.[test,postgres]')
+for project in plugins/*/pyproject.toml; do
+  install_args+=(-e "$(dirname "$project")")
+done
+
+# pip install only when a pyproject.toml (or the interpreter) changed since the
 # last successful install; plain `pip install` upgrades nothing already satisfied.
 STAMP=$VENV/.balsam-install-stamp
-want_stamp="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version)')"
+want_stamp="$(cat pyproject.toml plugins/*/pyproject.toml | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version)')"
 if [[ ! -f $STAMP || $(<"$STAMP") != "$want_stamp" ]]; then
-  log "pip install -e '.[test,postgres]'"
-  "$PY" -m pip install -q --disable-pip-version-check -e '.[test,postgres]'
+  log "pip install ${install_args[*]}"
+  "$PY" -m pip install -q --disable-pip-version-check "${install_args[@]}"
   printf '%s\n' "$want_stamp" >"$STAMP"
 fi
 
