@@ -3,8 +3,8 @@
 #
 # Creates (or reuses) a virtualenv at ${BALSAM_VENV:-.venv} (relative paths are
 # relative to the repo root), installs the package with its test and postgres
-# extras and every plugin distribution under plugins/, installs missing system packages for the real-component tests, then
-# runs pytest from the repo root. With CI=true, BALSAM_REQUIRE_REAL=1 is
+# extras and every plugin distribution under plugins/, installs missing system
+# packages for the real-component tests, then runs pytest from the repo root. With CI=true, BALSAM_REQUIRE_REAL=1 is
 # exported so skipped real-component tests fail instead.
 # Exit code: pytest's, except 5 (no tests collected) becomes 1.
 set -euo pipefail
