@@ -483,12 +483,14 @@ def show(site_dir: Path, task_id: int) -> dict[str, Any]:
 def test_task_add_variants(site_dir: Path) -> None:
     ok(run(site_dir, "app", "add", "sim", "python sim.py --temp {temp}"))
     out = ok(run(site_dir, "task", "add", "sim", "--param", "temp=300", "-n", "2",
-                 "--ranks-per-node", "4", "--tag", "phase=1", "--env", "OMP=2", "-w", "wf"))
+                 "--ranks-per-node", "4", "--tag", "phase=1", "--env", "OMP=2", "-w", "wf",
+                 "--mpi-flag=-l", "--mpi-flag", "--cpu-bind=depth"))
     assert re.fullmatch(r"Added task 1 \(sim\) in READY\n", out), out
     t1 = show(site_dir, 1)
     assert (t1["app"], t1["parameters"], t1["command"]) == ("sim", {"temp": "300"}, None)
     assert (t1["num_nodes"], t1["ranks_per_node"], t1["workflow"]) == (2, 4, "wf")
     assert t1["tags"] == {"phase": "1"} and t1["environment"] == {"OMP": "2"}
+    assert t1["mpi_flags"] == ["-l", "--cpu-bind=depth"]
     assert t1["parents"] == [] and t1["state"] == "READY"
 
     c = add(site_dir, "-c", "echo 'a b'", "--name", "echoer")

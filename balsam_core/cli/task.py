@@ -40,7 +40,7 @@ def task_dict(task: Task) -> dict[str, Any]:
         "num_nodes": task.num_nodes, "ranks_per_node": task.ranks_per_node,
         "threads_per_rank": task.threads_per_rank, "gpus_per_rank": task.gpus_per_rank,
         "node_packing_count": task.node_packing_count, "wall_time_min": task.wall_time_min,
-        "environment": task.environment, "tags": task.tags, "data": task.data,
+        "mpi_flags": task.mpi_flags, "environment": task.environment, "tags": task.tags, "data": task.data,
         "input_files": task.input_files, "post_error_handler": task.post_error_handler,
         "post_timeout_handler": task.post_timeout_handler,
         "auto_timeout_retry": task.auto_timeout_retry, "num_retries": task.num_retries,
@@ -68,6 +68,8 @@ def task_dict(task: Task) -> dict[str, Any]:
 @click.option("--parent", "parents", type=click.IntRange(min=1), multiple=True, help="Task id to wait for.")
 @click.option("--env", multiple=True, metavar="K=V", help="Environment variable.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Tag for filtering.")
+@click.option("--mpi-flag", "mpi_flags", multiple=True, metavar="FLAG",
+              help="Extra flag for the MPI launcher, one per option (e.g. --mpi-flag=-l).")
 @click.option("--workdir", help="Working directory inside the site's data/.")
 @click.option("--input-file", "input_files", multiple=True, help="Glob of parent outputs to stage in.")
 @click.option("--post-error-handler", is_flag=True, help="Run the app's postprocess on error.")
@@ -101,6 +103,7 @@ def add_command(ctx: Context, app: str | None, jsonl: Any, quiet: bool, **opts: 
         "node_packing_count": opts["node_packing_count"], "wall_time_min": opts["wall_time_min"],
         "parents": list(opts["parents"]), "environment": parse_pairs(opts["env"], "--env"),
         "tags": parse_pairs(opts["tags"], "--tag"), "input_files": list(opts["input_files"]),
+        "mpi_flags": list(opts["mpi_flags"]),
         "post_error_handler": opts["post_error_handler"],
         "post_timeout_handler": opts["post_timeout_handler"],
         "auto_timeout_retry": opts["auto_timeout_retry"], "max_retries": opts["max_retries"],
