@@ -374,7 +374,11 @@ class TaskSource(Protocol):
     def lease(
         self, launcher_id: int, free: Sequence[NodeResources], limit: int
     ) -> list[LeasedTask]:
-        """Lease up to *limit* runnable tasks that fit the *free* resources."""
+        """Lease up to *limit* runnable tasks that fit the *free* resources together.
+
+        A node may be listed more than once: capacity the launcher leases ahead for
+        (its tasks start when the node frees up); a multi-node task needs distinct nodes.
+        """
 
     def report(self, launcher_id: int, updates: Sequence[StateUpdate]) -> list[int]:
         """Record a batch of state changes; return ids refused (lease lost or task killed)."""

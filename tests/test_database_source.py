@@ -19,6 +19,8 @@ from balsam_core.transitions import Change
 
 S = State
 NODE = NodeResources("n1", cpus=8, gpu_ids=(0, 1))
+#: Room for every task these tests lease at once (one whole node each).
+ROOM = [NODE] * 16
 
 
 @pytest.fixture
@@ -93,10 +95,10 @@ def test_register_and_lease(site: Site, source: DatabaseTaskSource) -> None:
     site.transition([Change(restart, S.RUNNING), Change(restart, S.RUN_ERROR)])
     site.retry(restart)  # RESTART_READY: runnable
 
-    assert source.lease(lid, [NODE], 0) == []
+    assert source.lease(lid, ROOM, 0) == []
     assert source.lease(lid, [], 10) == []
     before = time.time()
-    first = source.lease(lid, [NODE], 3)
+    first = source.lease(lid, ROOM, 3)
     assert ids_of(first) == [t_app, t_cmd, plain[0]]
 
     a = first[0]
@@ -119,11 +121,11 @@ def test_register_and_lease(site: Site, source: DatabaseTaskSource) -> None:
     assert expires is not None
     assert before + source.lease_s - 1 <= expires <= time.time() + source.lease_s + 1
 
-    rest = source.lease(lid, [NODE], 100)
+    rest = source.lease(lid, ROOM, 100)
     assert ids_of(rest) == [*plain[1:], restart]
     assert rest[-1].state is S.RESTART_READY
-    assert source.lease(lid, [NODE], 100) == []
-    assert source.lease(other, [NODE], 100) == []
+    assert source.lease(lid, ROOM, 100) == []
+    assert source.lease(other, ROOM, 100) == []
     assert lease_of(site, not_yet) == (None, None)
 
 
@@ -142,8 +144,9 @@ def test_lease_filters_by_resources_workflow_and_tags(
     for t in (two_nodes, many_cpus, many_gpus):
         assert lease_of(site, t) == (None, None)
     big = [NodeResources(f"b{i}", cpus=16, gpu_ids=(0, 1, 2, 3)) for i in range(2)]
-    assert ids_of(source.lease(lid, big[:1], 10)) == [many_cpus, many_gpus]  # one idle node
-    assert ids_of(source.lease(lid, big, 10)) == [two_nodes]
+    assert ids_of(source.lease(lid, big[:1], 10)) == [many_cpus]  # one node: one of them
+    assert ids_of(source.lease(lid, big, 10)) == [two_nodes]  # takes both nodes
+    assert ids_of(source.lease(lid, big[:1], 10)) == [many_gpus]
 
     # Workflow and tags of the LauncherInfo filter what it gets (several tags: all match).
     t1 = add_runnable(site, 1, workflow="w1", tags={"a": "1", "b": "2"})[0]
@@ -154,10 +157,27 @@ def test_lease_filters_by_resources_workflow_and_tags(
     by_workflow = source.register(info(workflow="w1"))
     both = source.register(info(workflow="w2", tags={"b": "2"}))
     anyone = source.register(info())
-    assert ids_of(source.lease(by_tags, [NODE], 10)) == [t1, t3]
-    assert ids_of(source.lease(by_workflow, [NODE], 10)) == [t2]
-    assert source.lease(both, [NODE], 10) == []
-    assert ids_of(source.lease(anyone, [NODE], 10)) == [t4]
+    assert ids_of(source.lease(by_tags, ROOM, 10)) == [t1, t3]
+    assert ids_of(source.lease(by_workflow, ROOM, 10)) == [t2]
+    assert source.lease(both, ROOM, 10) == []
+    assert ids_of(source.lease(anyone, ROOM, 10)) == [t4]
+
+
+def test_lease_gives_only_what_fits_together(site: Site, source: DatabaseTaskSource) -> None:
+    """A launcher is not handed tasks it has no room for (another one may have)."""
+    lid = source.register(info())
+    halves = add_runnable(site, 5, node_packing_count=2)
+    whole = add_runnable(site, 1)
+    node = NodeResources("n1", cpus=8)
+    assert ids_of(source.lease(lid, [node], 10)) == halves[:2]
+    half_free = NodeResources("n1", cpus=7, free_fraction=0.5)
+    assert ids_of(source.lease(lid, [half_free, node], 10)) == halves[2:5]
+    assert source.lease(lid, [half_free], 10) == []  # the whole-node task waits
+    assert ids_of(source.lease(lid, [node], 10)) == whole
+    # the same node listed twice is room ahead, not a second node
+    pair = add_runnable(site, 1, num_nodes=2)
+    assert source.lease(lid, [node, node], 10) == []
+    assert ids_of(source.lease(lid, [node, NodeResources("n2", cpus=8)], 10)) == pair
 
 
 def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:
@@ -165,8 +185,8 @@ def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:
     l1, l2 = source.register(info()), source.register(info())
     got: dict[int, list[int]] = {l1: [], l2: []}
     while True:
-        a = ids_of(source.lease(l1, [NODE], 4))
-        b = ids_of(source.lease(l2, [NODE], 4))
+        a = ids_of(source.lease(l1, ROOM, 4))
+        b = ids_of(source.lease(l2, ROOM, 4))
         got[l1] += a
         got[l2] += b
         if not a and not b:
@@ -177,11 +197,11 @@ def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:
     assert got[l1] == [t for k, t in enumerate(ids) if (k // 4) % 2 == 0]
 
     (x,) = add_runnable(site, 1)
-    assert ids_of(source.lease(l1, [NODE], 5)) == [x]
-    assert source.lease(l2, [NODE], 5) == []
-    assert source.lease(l1, [NODE], 5) == []  # not leased twice to its holder either
+    assert ids_of(source.lease(l1, ROOM, 5)) == [x]
+    assert source.lease(l2, ROOM, 5) == []
+    assert source.lease(l1, ROOM, 5) == []  # not leased twice to its holder either
     set_lease_expires(site, [x], time.time() - 1)
-    assert ids_of(source.lease(l2, [NODE], 5)) == [x]
+    assert ids_of(source.lease(l2, ROOM, 5)) == [x]
     assert lease_of(site, x)[0] == l2
     # The former holder lost it: its reports are refused.
     assert source.report(l1, [StateUpdate(x, S.RUNNING)]) == [x]
@@ -194,7 +214,7 @@ def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:
 def test_report(site: Site, source: DatabaseTaskSource) -> None:
     holder, stranger = source.register(info()), source.register(info())
     t1, t2, t3, spare = add_runnable(site, 4)
-    assert ids_of(source.lease(holder, [NODE], 3)) == [t1, t2, t3]
+    assert ids_of(source.lease(holder, ROOM, 3)) == [t1, t2, t3]
     assert source.report(holder, []) == []
 
     n_events = len(site.history(t1))
@@ -243,7 +263,7 @@ def test_report_records_batch_job(
         job_id = job.id
     lid = source.register(info(batch_job_id=job_id))
     (t,) = add_runnable(site, 1)
-    source.lease(lid, [NODE], 1)
+    source.lease(lid, ROOM, 1)
     assert source.report(lid, [StateUpdate(t, S.RUNNING)]) == []
     event = site.history(t)[-1]
     assert (event.to_state, event.launcher_id) == ("RUNNING", lid)
@@ -257,8 +277,8 @@ def test_report_records_batch_job(
 def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) -> None:
     l1, l2 = source.register(info()), source.register(info())
     t1, t2, t3 = add_runnable(site, 3)
-    source.lease(l1, [NODE], 2)
-    assert ids_of(source.lease(l2, [NODE], 5)) == [t3]
+    source.lease(l1, ROOM, 2)
+    assert ids_of(source.lease(l2, ROOM, 5)) == [t3]
     soon = time.time() + 1
     set_lease_expires(site, [t1, t2, t3], soon)
     with site.db.session(write=True) as s:
@@ -284,14 +304,14 @@ def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) ->
         assert s.get(Launcher, l2).stopped is None
     # A released, still runnable task goes to the next launcher.
     (t4,) = add_runnable(site, 1)
-    assert ids_of(source.lease(l1, [NODE], 5)) == [t4]
+    assert ids_of(source.lease(l1, ROOM, 5)) == [t4]
     source.release(l1)
-    assert ids_of(source.lease(l2, [NODE], 5)) == [t4]
+    assert ids_of(source.lease(l2, ROOM, 5)) == [t4]
 
     # Expiry: a RUNNING task whose lease ran out times out; an unstarted one is freed.
     lid, other = source.register(info()), l2  # a fresh launcher, and l2 to take over
     lost, alive, unstarted = add_runnable(site, 3)
-    source.lease(lid, [NODE], 3)
+    source.lease(lid, ROOM, 3)
     source.report(lid, [StateUpdate(lost, S.RUNNING), StateUpdate(alive, S.RUNNING)])
     set_lease_expires(site, [lost, unstarted], time.time() - 10)
 
@@ -304,7 +324,7 @@ def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) ->
     assert site.task(alive).state == "RUNNING" and lease_of(site, alive)[0] == lid
     assert site.task(unstarted).state == "PREPROCESSED"
     assert lease_of(site, unstarted) == (None, None)
-    assert ids_of(source.lease(other, [NODE], 5)) == [unstarted]
+    assert ids_of(source.lease(other, ROOM, 5)) == [unstarted]
     assert source.expire_leases(time.time()) == 0
     # The launcher that lost the task cannot report on it any more.
     assert source.report(lid, [StateUpdate(lost, S.RUN_DONE, return_code=0)]) == [lost]
@@ -327,7 +347,7 @@ def test_concurrent_leases_are_exactly_once(site: Site) -> None:
         try:
             barrier.wait()
             while True:
-                leased = sources[k].lease(launchers[k], [NODE], batch)
+                leased = sources[k].lease(launchers[k], ROOM, batch)
                 if not leased:
                     return
                 assert len(leased) <= batch

@@ -272,3 +272,33 @@ def test_serial_mode_sigterm_leaves_nothing_running(mpi_site: Site) -> None:
     assert not [p for p in pids if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not list(site.config.log_dir.glob("serial-*"))  # run and stop files removed
+
+
+def test_serial_agents_stop_together_before_the_allocation_ends(mpi_site: Site) -> None:
+    site = mpi_site
+    ids = site.add_tasks([{"command": ["sleep", "60"], "node_packing_count": 2} for _ in range(4)])
+    started = time.time()
+    # 0.15 min = 9 s; agents stop margin_s (5 s) before: about 4 s after the start
+    proc = serial_launcher(site, "--time-limit-min", "0.15")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert time.time() - started < 9
+    assert output.count("stopped: allocation ends") == 2, output  # both agents
+    assert "RUNNING" not in site.count()
+    assert all(
+        any(e.to_state == "RUN_TIMEOUT" for e in site.history(t)) for t in ids
+    )
+
+
+def test_serial_mode_on_several_nodes_needs_an_mpi_launcher(tmp_path: Path) -> None:
+    site = Site.init(tmp_path / "site")
+    result = subprocess.run(
+        [*BALSAM, "--site", str(site.site_dir), "launcher", "--mode", "serial", "--nodes", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "Error: serial mode: cannot start 2 agent(s) through [launcher] mpi = 'direct': direct "
+        "launcher starts one rank on one node; task 0 asks for 2 nodes × 1 rank per node: "
+        "select an MPI launcher (mpich, openmpi, aprun) in [launcher] mpi"
+    ]

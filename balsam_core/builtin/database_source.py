@@ -39,6 +39,51 @@ Task, TaskTag, Launcher = models.Task, models.TaskTag, models.Launcher
 log = logging.getLogger(__name__)
 
 
+def requirements(task: models.Task) -> TaskRequirements:
+    return TaskRequirements(
+        task_id=task.id,
+        num_nodes=task.num_nodes,
+        ranks_per_node=task.ranks_per_node,
+        threads_per_rank=task.threads_per_rank,
+        gpus_per_rank=task.gpus_per_rank,
+        node_packing_count=task.node_packing_count,
+        wall_time_min=task.wall_time_min,
+        ready_since=task.state_time,
+    )
+
+
+def fitting(tasks: Sequence[models.Task], free: Sequence[NodeResources]) -> list[models.Task]:
+    """The tasks, in order, that fit into *free* together (first fit on a scratch copy).
+
+    The lease query only checks each task against the biggest free node; without this a
+    launcher could hold tasks it has no room for while another launcher idles.  A node
+    listed twice (capacity the launcher leases ahead for) counts once per task: a
+    multi-node task needs distinct node names.
+    """
+    left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in free]
+    chosen = []
+    for task in tasks:
+        req = requirements(task)
+        room: dict[str, list] = {}
+        for node in left:
+            if (
+                node[1] >= req.cpus_per_node
+                and node[2] >= req.gpus_per_node
+                and node[3] >= req.node_fraction - 1e-9
+            ):
+                room.setdefault(node[0], node)
+                if len(room) == req.num_nodes:
+                    break
+        if len(room) < req.num_nodes:
+            continue
+        for node in room.values():
+            node[1] -= req.cpus_per_node
+            node[2] -= req.gpus_per_node
+            node[3] -= req.node_fraction
+        chosen.append(task)
+    return chosen
+
+
 class DatabaseTaskSource:
     """Leases tasks from the site database (see the module docstring)."""
 
@@ -83,7 +128,7 @@ class DatabaseTaskSource:
         if not free or limit <= 0:
             return []
         now = time.time()
-        idle = sum(1 for n in free if n.idle)
+        idle = len({n.name for n in free if n.idle})
         max_cpus = max(n.cpus for n in free)
         max_gpus = max(len(n.gpu_ids) for n in free)
         query = (
@@ -111,7 +156,7 @@ class DatabaseTaskSource:
         with self.site.db.session(write=True) as s:
             if s.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=Task)
-            tasks = list(s.scalars(query))
+            tasks = fitting(list(s.scalars(query)), free)
             if not tasks:
                 return []
             s.execute(
@@ -137,16 +182,7 @@ class DatabaseTaskSource:
             argv=argv,
             workdir=task.workdir or task.default_workdir,
             env=env,
-            requirements=TaskRequirements(
-                task_id=task.id,
-                num_nodes=task.num_nodes,
-                ranks_per_node=task.ranks_per_node,
-                threads_per_rank=task.threads_per_rank,
-                gpus_per_rank=task.gpus_per_rank,
-                node_packing_count=task.node_packing_count,
-                wall_time_min=task.wall_time_min,
-                ready_since=task.state_time,
-            ),
+            requirements=requirements(task),
             state=State(task.state),
             num_retries=task.num_retries,
             post_error_handler=task.post_error_handler,

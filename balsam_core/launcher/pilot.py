@@ -30,6 +30,7 @@ from ..plugin_types import (
     LaunchSpec,
     LeasedTask,
     MpiLauncher,
+    NodeResources,
     NodeSpec,
     PackingStrategy,
     StateUpdate,
@@ -216,6 +217,11 @@ class Launcher:
 
     def _lease(self) -> int:
         free = self.pool.free()
+        if self.options.prefetch:
+            # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
+            # the source only leases what fits, and freed slots refill without a lease.
+            copies = -(-self.options.prefetch // self._slots())
+            free += [NodeResources(n.name, n.cpus, n.gpu_ids) for n in self.options.nodes] * copies
         limit = self._slots() + self.options.prefetch - len(self.queue)
         if limit <= 0:
             return 0

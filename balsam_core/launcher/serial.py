@@ -30,6 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..api import Site
+from ..errors import PluginError
 from ..mpi_support import RANK_VARIABLES
 from ..plugin_types import LaunchSpec, MpiLauncher, NodeSpec
 from ..site import SITE_ENV
@@ -67,7 +68,13 @@ def agent_command(site: Site, run_file: Path, options: LauncherOptions, mpi: Mpi
         mpi_flags=tuple(site.config.launcher.mpi_flags),
         export=(SITE_ENV,),
     )
-    command = mpi.command(spec)
+    try:
+        command = mpi.command(spec)
+    except PluginError as exc:
+        raise PluginError(
+            f"serial mode: cannot start {len(options.nodes)} agent(s) through "
+            f"[launcher] mpi = {site.config.launcher.mpi!r}: {exc}"
+        ) from None
     return command.argv, dict(command.env)
 
 
