@@ -54,6 +54,21 @@ from .plugin_types import (
 from .states import RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
 from .taskspec import render_argv, task_environment
+from .batch_scheduler import (
+    END_TIME_ENV,
+    CommandResult,
+    ScriptTemplate,
+    check_directive,
+    check_word,
+    command_error,
+    end_time_from_env,
+    expand_ranges,
+    job_values,
+    map_native_state,
+    parse_duration_min,
+    read_nodefile,
+    run_command,
+)
 from .mpi_support import (
     MpiexecLauncher,
     RankEnvironment,
@@ -142,5 +157,18 @@ __all__ = [
     "decide_chain",
     "describe_exit",
     "is_allowed",
+    "END_TIME_ENV",
+    "CommandResult",
+    "ScriptTemplate",
+    "check_directive",
+    "check_word",
+    "command_error",
+    "end_time_from_env",
+    "expand_ranges",
+    "job_values",
+    "map_native_state",
+    "parse_duration_min",
+    "read_nodefile",
+    "run_command",
     "__version__",
 ]

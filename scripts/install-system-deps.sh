@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Balsam test-suite needs for its real-component
-# tests (PostgreSQL server + client, MPICH, Open MPI, ...). Idempotent: does nothing when every
+# tests (PostgreSQL server + client, MPICH, Open MPI, Slurm, ...). Idempotent: does nothing when every
 # check passes; otherwise runs one `apt-get update -qq` and installs only the
 # missing packages.
 #
@@ -28,6 +28,17 @@ DEPS=(
   "have_cmd mpicc.mpich | libmpich-dev"
   "have_cmd mpiexec.openmpi | openmpi-bin"
   "have_cmd mpicc.openmpi | libopenmpi-dev"
+  # A one-machine Slurm cluster (tests/harness/slurm): controller, node daemons, client
+  # commands, munge; slurmdbd + MariaDB for sacct; Torque-style qsub/qstat/qdel wrappers
+  # for the PBS plugin's real command path; libpmix2 or srun --mpi=pmix hangs the node.
+  "have_cmd slurmctld | slurmctld"
+  "have_cmd slurmd | slurmd"
+  "have_cmd sbatch | slurm-client"
+  "have_cmd munged | munge"
+  "have_glob /usr/lib/*/libpmix.so.2* | libpmix2"
+  "have_cmd slurmdbd | slurmdbd"
+  "have_cmd mariadbd | mariadb-server"
+  "have_cmd qsub | slurm-wlm-torque"
 )
 
 missing_packages() {

@@ -23,6 +23,7 @@ os.environ.pop("BALSAM_TASK_ID", None)
 from balsam_core import plugins  # noqa: E402
 from balsam_core.api import Site  # noqa: E402
 from tests.harness.postgres import PostgresServer, find_pg_bin  # noqa: E402
+from tests.harness.slurm import SlurmCluster, SlurmUnavailable  # noqa: E402
 
 REQUIRE_REAL = os.environ.get("BALSAM_REQUIRE_REAL") == "1"
 _db_counter = itertools.count()
@@ -101,3 +102,21 @@ def sqlite_site(tmp_path: Path) -> Iterator[Site]:
     site = Site.init(tmp_path / "site")
     yield site
     site.db.dispose()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A real 2-node Slurm cluster (c1, c2; 4 CPUs each) with sacct and Torque wrappers.
+
+    Started once per session with ``tests/harness/slurm/start.sh``; stopped at the end
+    only if this session started it (unless ``BALSAM_SLURM_KEEP=1``).  Skipped when it
+    cannot be brought up here (a failure with ``BALSAM_REQUIRE_REAL=1``).
+    """
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no Slurm test cluster: {exc}")
+    yield cluster
+    if cluster.started_here and os.environ.get("BALSAM_SLURM_KEEP") != "1":
+        cluster.stop()

@@ -36,18 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.resources
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
-import string
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +61,10 @@ from balsam_core import (
     PluginError,
     SchedulerJobStatus,
     SchedulerPlugin,
+    ScriptTemplate,
     hookimpl,
+    job_values,
+    map_native_state,
 )
 
 __all__ = [
@@ -83,6 +82,7 @@ log = logging.getLogger(__name__)
 END_TIME_ENV = "BALSAM_LOCAL_END_TIME"
 #: The template's name, in the package's ``templates/`` and in ``<site_dir>/templates/``.
 TEMPLATE_NAME = "local.sh"
+TEMPLATE = ScriptTemplate("balsam_core.builtin", TEMPLATE_NAME, "local scheduler")
 #: File the job script writes, next to itself, with the launcher's exit status.
 EXIT_CODE_FILE = "exit_code"
 #: File ``submit`` writes in the job's workdir: pid and start time of the job process.
@@ -114,10 +114,7 @@ def parse_native_state(native: str) -> BatchJobState:
     kind, sep, code = native.partition(":")
     if sep and kind in NATIVE_STATES and _is_int(code):
         return NATIVE_STATES[kind]
-    message = f"local scheduler: unknown native state {native!r}, reported as UNKNOWN"
-    log.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return BatchJobState.UNKNOWN
+    return map_native_state({}, native, "local scheduler")
 
 
 def _is_int(text: str) -> bool:
@@ -171,19 +168,12 @@ class LocalScheduler:
 
     def template_path(self) -> Path | None:
         """The site's template override, if there is one."""
-        path = self.site_dir / "templates" / TEMPLATE_NAME
+        path = TEMPLATE.site_path(self.site_dir)
         return path if path.is_file() else None
 
     def template_text(self) -> tuple[str, str]:
         """The template text and where it came from (for error messages)."""
-        override = self.template_path()
-        if override is not None:
-            try:
-                return override.read_text(), str(override)
-            except OSError as exc:
-                raise PluginError(f"local scheduler: cannot read {override}: {exc}") from None
-        resource = importlib.resources.files("balsam_core.builtin") / "templates" / TEMPLATE_NAME
-        return resource.read_text(), f"balsam_core/builtin/templates/{TEMPLATE_NAME}"
+        return TEMPLATE.text(self.site_dir)
 
     def render_script(self, job: BatchJobSpec) -> str:
         """The job script: the template with every value shell-quoted."""
@@ -192,35 +182,7 @@ class LocalScheduler:
                 f"local scheduler runs jobs on this one machine; batch job {job.job_id} asks "
                 f"for {job.num_nodes} nodes: set max_nodes = 1 in [scheduler.queues.{job.queue}]"
             )
-        wall = int(job.wall_time_min)
-        if wall < 1 or wall != job.wall_time_min:
-            raise PluginError(
-                f"local scheduler: batch job {job.job_id}: wall_time_min must be a whole "
-                f"number >= 1, got {job.wall_time_min!r}"
-            )
-        if not job.launcher_argv:
-            raise PluginError(f"local scheduler: batch job {job.job_id} has no launcher command")
-        values = {k: shlex.quote(str(v)) for k, v in job.extra.items()}
-        values.update(
-            job_id=shlex.quote(str(job.job_id)),
-            queue=shlex.quote(job.queue),
-            project=shlex.quote(job.project),
-            num_nodes=shlex.quote(str(job.num_nodes)),
-            wall_time_min=shlex.quote(str(wall)),
-            job_mode=shlex.quote(job.job_mode),
-            workdir=shlex.quote(str(job.workdir)),
-            launcher_argv=shlex.join(str(a) for a in job.launcher_argv),
-        )
-        text, origin = self.template_text()
-        try:
-            return string.Template(text).substitute(values)
-        except KeyError as exc:
-            raise PluginError(
-                f"{origin}: unknown placeholder ${{{exc.args[0]}}} (known: "
-                f"{', '.join(sorted(values))}; write $$ for a literal $)"
-            ) from None
-        except ValueError as exc:
-            raise PluginError(f"{origin}: {exc} (write $$ for a literal $)") from None
+        return TEMPLATE.render(self.site_dir, job_values(job, "local scheduler"))
 
     # ------------------------------------------------------------------ submit
 

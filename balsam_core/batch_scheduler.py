@@ -1,0 +1,331 @@
+"""Shared helpers for scheduler plugins that drive a batch system through its commands.
+
+In the style of Balsam 2's ``SubprocessSchedulerInterface`` and psij's batch
+executors, a scheduler plugin is a script template, a few ``render -> run -> parse``
+pairs and a native-state table.  This module holds the parts every such plugin needs:
+
+* :class:`ScriptTemplate`: a submit-script template shipped as package data
+  (``<package>/templates/<name>``), overridable by the site file
+  ``<site_dir>/templates/<name>``, rendered with :class:`string.Template`;
+  :func:`job_values` gives the standard, shell-quoted placeholder values of a job;
+* :func:`run_command`: one scheduler command as an argv list (never a shell), with a
+  timeout; a missing program, a non-zero exit or a timeout become one-line
+  :class:`~balsam_core.errors.PluginError` naming the command and its stderr tail;
+* :func:`map_native_state`: native state -> :class:`BatchJobState` through a table,
+  UNKNOWN (with a warning) for anything the table does not know;
+* :func:`expand_ranges` for ``1-3,7`` style node lists and :func:`parse_duration_min`
+  for ``[days-]hh:mm:ss`` durations.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import re
+import shlex
+import string
+import subprocess
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PluginError
+from .plugin_types import BatchJobSpec
+from .states import BatchJobState
+
+__all__ = [
+    "CommandResult",
+    "ScriptTemplate",
+    "check_directive",
+    "check_word",
+    "command_error",
+    "describe_argv",
+    "END_TIME_ENV",
+    "end_time_from_env",
+    "expand_ranges",
+    "job_values",
+    "map_native_state",
+    "parse_duration_min",
+    "read_nodefile",
+    "run_command",
+]
+
+log = logging.getLogger(__name__)
+
+#: Characters of stderr (its end) quoted in an error message.
+STDERR_TAIL = 300
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A scheduler command that ran to completion (whatever its exit status)."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _tail(text: str, limit: int = STDERR_TAIL) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else "..." + one_line[-limit:]
+
+
+def describe_argv(argv: Sequence[str], limit: int = 120) -> str:
+    """*argv* as a short shell-like string for messages."""
+    text = shlex.join(argv)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    what: str,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandResult:
+    """Run *argv* (no shell) and return its output.
+
+    *what* names the caller in messages (e.g. ``"slurm"``).  Raises
+    :class:`PluginError`, one line, when the program is missing or not executable,
+    when it runs longer than *timeout* seconds (it is killed), and — with *check* —
+    when it exits non-zero.  Output is decoded as UTF-8 with replacement, so garbage
+    bytes never raise here; parsing them is the caller's job.
+    """
+    argv = tuple(str(a) for a in argv)
+    shown = describe_argv(argv)
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise PluginError(f"{what}: command '{argv[0]}' not found (is it on PATH?)") from None
+    except PermissionError:
+        raise PluginError(f"{what}: command '{argv[0]}' is not executable") from None
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else ""
+        extra = f": {_tail(err)}" if err.strip() else ""
+        raise PluginError(
+            f"{what}: '{shown}' did not finish within {timeout:g} s (killed){extra}"
+        ) from None
+    except OSError as exc:
+        raise PluginError(f"{what}: cannot run '{shown}': {exc.strerror or exc}") from None
+    result = CommandResult(
+        argv,
+        proc.returncode,
+        proc.stdout.decode("utf-8", "replace"),
+        proc.stderr.decode("utf-8", "replace"),
+    )
+    if check and result.returncode != 0:
+        raise command_error(what, result)
+    return result
+
+
+def command_error(what: str, result: CommandResult, reason: str = "") -> PluginError:
+    """The one-line error for a command that failed or printed something unusable."""
+    detail = reason or f"exit status {result.returncode}"
+    tail = _tail(result.stderr) or _tail(result.stdout)
+    return PluginError(
+        f"{what}: '{describe_argv(result.argv)}' failed ({detail})" + (f": {tail}" if tail else "")
+    )
+
+
+# --------------------------------------------------------------------------- templates
+
+
+class ScriptTemplate:
+    """A submit-script template: package data, overridable per site.
+
+    The template is ``<package>/templates/<name>``; a file ``<site_dir>/templates/<name>``
+    wins.  Placeholders are :class:`string.Template` ones (``${name}``); ``$$`` is a
+    literal dollar sign.  Values are inserted as given: use :func:`job_values` for
+    shell-quoted ones.
+    """
+
+    def __init__(self, package: str, name: str, what: str) -> None:
+        self.package = package
+        self.name = name
+        self.what = what
+
+    def site_path(self, site_dir: Path) -> Path:
+        """Where a site overrides this template."""
+        return Path(site_dir) / "templates" / self.name
+
+    def text(self, site_dir: Path) -> tuple[str, str]:
+        """The template text and where it came from (for error messages)."""
+        override = self.site_path(site_dir)
+        if override.is_file():
+            try:
+                return override.read_text(), str(override)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PluginError(f"{override}: cannot read template: {exc}") from None
+        resource = importlib.resources.files(self.package).joinpath("templates", self.name)
+        try:
+            return resource.read_text(), f"{self.package}:templates/{self.name}"
+        except (OSError, UnicodeDecodeError) as exc:  # pragma: no cover - broken install
+            raise PluginError(
+                f"{self.what}: template templates/{self.name} missing from package "
+                f"{self.package} ({exc}); reinstall the plugin"
+            ) from None
+
+    def render(self, site_dir: Path, values: Mapping[str, str]) -> str:
+        """Fill the template; an unknown placeholder or a stray ``$`` is a PluginError."""
+        text, origin = self.text(site_dir)
+        try:
+            return string.Template(text).substitute(values)
+        except KeyError as exc:
+            raise PluginError(
+                f"{origin}: unknown placeholder ${{{exc.args[0]}}} (known: "
+                f"{', '.join(sorted(values))}; write $$ for a literal $)"
+            ) from None
+        except ValueError as exc:
+            raise PluginError(f"{origin}: {exc} (write $$ for a literal $)") from None
+
+
+def job_values(job: BatchJobSpec, what: str) -> dict[str, str]:
+    """The standard placeholders of *job*, each shell-quoted (one shell word).
+
+    ``job_id queue project num_nodes wall_time_min job_mode workdir`` plus
+    ``launcher_argv`` (the whole launcher command line) and every key of
+    ``job.extra``.  Raises PluginError for a job no scheduler can take.
+    """
+    if isinstance(job.num_nodes, bool) or not isinstance(job.num_nodes, int) or job.num_nodes < 1:
+        raise PluginError(f"{what}: batch job {job.job_id}: num_nodes must be >= 1, got {job.num_nodes!r}")
+    wall = int(job.wall_time_min)
+    if wall < 1 or wall != job.wall_time_min:
+        raise PluginError(
+            f"{what}: batch job {job.job_id}: wall_time_min must be a whole number >= 1, "
+            f"got {job.wall_time_min!r}"
+        )
+    if not job.launcher_argv:
+        raise PluginError(f"{what}: batch job {job.job_id} has no launcher command")
+    values = {str(k): shlex.quote(str(v)) for k, v in job.extra.items()}
+    values.update(
+        job_id=shlex.quote(str(job.job_id)),
+        queue=shlex.quote(job.queue),
+        project=shlex.quote(job.project),
+        num_nodes=shlex.quote(str(job.num_nodes)),
+        wall_time_min=shlex.quote(str(wall)),
+        job_mode=shlex.quote(job.job_mode),
+        workdir=shlex.quote(str(job.workdir)),
+        launcher_argv=shlex.join(str(a) for a in job.launcher_argv),
+    )
+    return values
+
+
+_WORD = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]&|!()-]*$")
+
+
+def check_word(value: str, where: str) -> str:
+    """*value* if it can stand unquoted in a directive line (no blanks, quotes, ``$``...);
+    else ValueError naming *where*."""
+    if not _WORD.match(value):
+        raise ValueError(
+            f"{where} = {value!r} has characters a scheduler directive cannot hold "
+            "(allowed: letters, digits and _ . , : @ % + = / [ ] & | ! ( ) -)"
+        )
+    return value
+
+
+def check_directive(value: str, where: str) -> str:
+    """*value* if it fits on one directive line (no newline or NUL); else ValueError."""
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError(f"{where} = {value!r} must be one line")
+    return value
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def map_native_state(
+    table: Mapping[str, BatchJobState], native: str, what: str
+) -> BatchJobState:
+    """*native* through *table*; UNKNOWN with a logged warning (and a RuntimeWarning)
+    for a state the table does not know."""
+    state = table.get(native)
+    if state is not None:
+        return state
+    message = f"{what}: unknown native state {native!r}, reported as UNKNOWN"
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return BatchJobState.UNKNOWN
+
+
+def expand_ranges(text: str) -> list[int]:
+    """``"1-3,7"`` -> ``[1, 2, 3, 7]``; ValueError on anything else."""
+    numbers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {part!r} in {text!r}")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"bad range {part!r} in {text!r}")
+        numbers.extend(range(first, last + 1))
+    return numbers
+
+
+_DURATION = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_duration_min(text: str) -> float | None:
+    """Minutes in a ``[days-]hh:mm:ss`` / ``hh:mm`` / ``mm`` duration (Slurm, PBS, Cobalt).
+
+    ``None`` for unlimited (``UNLIMITED``, ``INFINITE``, ``Partition_Limit``...) and for
+    text that is no duration.
+    """
+    match = _DURATION.match(text.strip())
+    if not match:
+        return None
+    days, a, b, c = match.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:
+        # Slurm: days-hours[:minutes[:seconds]]
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+        return int(days) * 1440 + h * 60 + m + s / 60
+    if len(parts) == 3:
+        h, m, s = parts
+        return h * 60 + m + s / 60
+    if len(parts) == 2:  # Slurm "mm:ss"; PBS never prints this form
+        m, s = parts
+        return m + s / 60
+    return float(parts[0])
+
+
+#: Set by the PBS and Cobalt job templates: when the allocation ends (epoch seconds).
+END_TIME_ENV = "BALSAM_JOB_END_TIME"
+
+
+def end_time_from_env(what: str, name: str = END_TIME_ENV) -> float | None:
+    """The allocation's end from the environment variable *name* (None when unset)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise PluginError(f"{what}: {name}={raw!r} is not a time in epoch seconds") from None
+
+
+def read_nodefile(path: str, what: str, variable: str) -> list[str]:
+    """Unique host names of a node file (one per line, repeated per rank), in order."""
+    try:
+        lines = Path(path).read_text().split()
+    except OSError as exc:
+        raise PluginError(f"{what}: cannot read {variable}={path}: {exc.strerror or exc}") from None
+    names = list(dict.fromkeys(lines))
+    if not names:
+        raise PluginError(f"{what}: {variable}={path} lists no nodes")
+    return names
