@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from .pilot import STOP_CHECK_S, Launcher, LauncherOptions
 
 log = logging.getLogger(__name__)
 
+
 def write_run_file(path: Path, options: LauncherOptions) -> None:
     """The options every agent of a serial run starts from."""
     path.write_text(json.dumps(asdict(options)))
@@ -51,9 +53,9 @@ def read_run_file(path: Path) -> LauncherOptions:
     return LauncherOptions(**raw)
 
 
-def agent_command(site: Site, run_file: Path, options: LauncherOptions, mpi: MpiLauncher) -> tuple[
-    tuple[str, ...], dict[str, str]
-]:
+def agent_command(
+    site: Site, run_file: Path, options: LauncherOptions, mpi: MpiLauncher
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """argv and env that start one agent per node through the MPI launcher."""
     cpus = min(n.cpus for n in options.nodes)
     env = {**os.environ, SITE_ENV: str(site.site_dir)}
@@ -86,7 +88,7 @@ def run_serial(site: Site, options: LauncherOptions, mpi: MpiLauncher) -> int:
     options = replace(options, stop_file=str(stop_file))
     write_run_file(run_file, options)
     argv, env = agent_command(site, run_file, options, mpi)
-    log.info("starting %d serial agent(s): %s", len(options.nodes), " ".join(argv[:8]))
+    log.info("starting %d serial agent(s): %s", len(options.nodes), shlex.join(argv))
     stop_requested: list[float] = []
 
     def request_stop(signum: int, _frame: object) -> None:
