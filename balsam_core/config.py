@@ -58,6 +58,42 @@ class SchedulerSection:
     )
 
 
+#: Launcher modes a batch job may run (``balsam launcher --mode``).
+JOB_MODES = ("mpi", "serial")
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    """``[service]``: how ``balsam service`` keeps batch jobs queued for the backlog."""
+
+    #: Seconds between two rounds (sync, measure, submit, retire, reclaim).
+    period_s: float = 60.0
+    #: At least this many seconds between two submissions; after submissions that
+    #: failed in a row the gap doubles per failure, up to ``max_backoff_s``.
+    submit_interval_s: float = 60.0
+    max_backoff_s: float = 3600.0
+    #: Launchers of the jobs the service submits exit after this long with nothing to
+    #: run, handing the nodes back (0: they keep them until the wall time ends).
+    job_idle_timeout_s: float = 300.0
+    #: Launcher mode of the jobs the service submits.
+    job_mode: str = "mpi"
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0:
+            raise ValueError("period_s must be > 0")
+        if self.submit_interval_s < 0 or self.job_idle_timeout_s < 0:
+            raise ValueError("submit_interval_s and job_idle_timeout_s must be >= 0")
+        if self.max_backoff_s < self.submit_interval_s:
+            raise ValueError(
+                f"max_backoff_s ({self.max_backoff_s}) < submit_interval_s "
+                f"({self.submit_interval_s})"
+            )
+        if self.job_mode not in JOB_MODES:
+            raise ValueError(
+                f"job_mode must be one of {', '.join(JOB_MODES)}, got {self.job_mode!r}"
+            )
+
+
 @dataclass(frozen=True)
 class LauncherSection:
     """``[launcher]``: the MPI launcher and what a node offers."""
@@ -130,6 +166,7 @@ class SiteConfig:
     site_dir: Path
     site: SiteSection = field(default_factory=SiteSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    service: ServiceSection = field(default_factory=ServiceSection)
     launcher: LauncherSection = field(default_factory=LauncherSection)
     task_source: TaskSourceSection = field(default_factory=TaskSourceSection)
     packing: PackingSection = field(default_factory=PackingSection)
@@ -163,6 +200,7 @@ class SiteConfig:
 _SECTIONS: dict[str, type] = {
     "site": SiteSection,
     "scheduler": SchedulerSection,
+    "service": ServiceSection,
     "launcher": LauncherSection,
     "task_source": TaskSourceSection,
     "packing": PackingSection,

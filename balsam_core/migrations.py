@@ -14,16 +14,44 @@ and add ``MIGRATIONS[n]`` that upgrades a version ``n-1`` database in place, e.g
         conn.exec_driver_sql("ALTER TABLE task ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
 
     MIGRATIONS[2] = _add_task_priority
+
+A step describes the tables as they were at its version (not through the models,
+which keep changing), so that it does the same thing forever.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection
+from sqlalchemy import Column, Connection, Float, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import Table, Text
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _batch_job_history(conn: Connection) -> None:
+    """Version 2: ``batch_job.origin`` and the ``batch_job_event`` history table."""
+    conn.exec_driver_sql(
+        "ALTER TABLE batch_job ADD COLUMN origin VARCHAR(32) NOT NULL DEFAULT 'user'"
+    )
+    meta = MetaData()
+    Table("batch_job", meta, Column("id", Integer, primary_key=True))  # FK target only
+    events = Table(
+        "batch_job_event",
+        meta,
+        Column("id", Integer, primary_key=True),
+        Column("batch_job_id", Integer, ForeignKey("batch_job.id", ondelete="CASCADE"),
+               nullable=False),
+        Column("time", Float, nullable=False),
+        Column("from_state", String(32)),
+        Column("to_state", String(32), nullable=False),
+        Column("native_state", String(64), nullable=False),
+        Column("message", Text, nullable=False),
+        Index("ix_batch_job_event_job", "batch_job_id", "time"),
+    )
+    events.create(conn)
+
 
 #: ``MIGRATIONS[n]`` upgrades a version ``n-1`` database to version ``n``.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _batch_job_history}

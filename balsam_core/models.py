@@ -227,10 +227,28 @@ class BatchJob(Base):
     state: Mapped[str] = mapped_column(String(32), index=True)
     native_state: Mapped[str] = mapped_column(String(64), default="")
     message: Mapped[str] = mapped_column(Text, default="")
+    #: Who asked for it: "user" (``balsam queue submit``, the API) or "service"; the
+    #: service retires only its own queued jobs.
+    origin: Mapped[str] = mapped_column(String(32), default="user", server_default="user")
     created: Mapped[float] = mapped_column(Float, default=time.time)
     submit_time: Mapped[float | None] = mapped_column(Float, default=None)
     start_time: Mapped[float | None] = mapped_column(Float, default=None)
     end_time: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class BatchJobEvent(Base):
+    """Append-only history of a batch job: one row per Balsam state change."""
+
+    __tablename__ = "batch_job_event"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_job_id: Mapped[int] = mapped_column(ForeignKey("batch_job.id", ondelete="CASCADE"))
+    time: Mapped[float] = mapped_column(Float)
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    native_state: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_batch_job_event_job", "batch_job_id", "time"),)
 
 
 class Launcher(Base):

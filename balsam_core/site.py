@@ -80,6 +80,17 @@ max_nodes = 1
 min_wall_min = 1
 max_wall_min = 60
 
+[service]
+# 'balsam service': every period_s it syncs batch jobs, reclaims tasks of dead
+# launchers, and submits jobs sized to the backlog (at most one per
+# submit_interval_s; after failures the gap doubles, up to max_backoff_s).
+period_s = 60.0
+submit_interval_s = 60.0
+max_backoff_s = 3600.0
+# Launchers of service jobs exit after this long with nothing to run (0: never).
+job_idle_timeout_s = 300.0
+job_mode = "mpi"
+
 [launcher]
 # MPI launcher plugin: "direct" forks one-rank, one-node tasks without MPI.
 mpi = {_toml_str(mpi)}

@@ -20,6 +20,7 @@ from balsam_core.config import (
     PackingSection,
     RecoverySection,
     SchedulerSection,
+    ServiceSection,
     SiteSection,
     TaskSourceSection,
 )
@@ -99,6 +100,13 @@ mpi_flags = ["--bind-to", "core"]
 heartbeat_s = 5
 lease_s = 30.5
 
+[service]
+period_s = 30
+submit_interval_s = 10
+max_backoff_s = 600
+job_idle_timeout_s = 0
+job_mode = "serial"
+
 [task_source]
 use = "database"
 
@@ -137,6 +145,10 @@ def test_every_section_key_and_type(tmp_path: Path) -> None:
         heartbeat_s=5.0, lease_s=30.5,
     )
     assert cfg.launcher.node_cpus == 64
+    assert cfg.service == ServiceSection(
+        period_s=30.0, submit_interval_s=10.0, max_backoff_s=600.0, job_idle_timeout_s=0.0,
+        job_mode="serial",
+    )
     assert cfg.task_source == TaskSourceSection()
     assert cfg.packing == PackingSection(use="best-fit")
     assert cfg.recovery == RecoverySection(
@@ -149,7 +161,8 @@ def test_every_section_key_and_type(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "section, cls",
-    [("site", SiteSection), ("scheduler", SchedulerSection), ("launcher", LauncherSection),
+    [("site", SiteSection), ("scheduler", SchedulerSection), ("service", ServiceSection),
+     ("launcher", LauncherSection),
      ("task_source", TaskSourceSection), ("packing", PackingSection), ("recovery", RecoverySection)],
 )
 def test_unknown_key_lists_the_allowed_keys(section: str, cls: type) -> None:
@@ -160,7 +173,7 @@ def test_unknown_key_lists_the_allowed_keys(section: str, cls: type) -> None:
 
 def test_unknown_section_lists_the_sections() -> None:
     bad({"sched": {"use": "local"}}, "unknown section [sched]",
-        "site, scheduler, launcher, task_source, packing, recovery, plugins")
+        "site, scheduler, service, launcher, task_source, packing, recovery, plugins")
 
 
 @pytest.mark.parametrize(
@@ -225,6 +238,10 @@ def test_queue_policy_errors_name_the_queue_table(policy: dict[str, Any], words:
         ({"recovery": {"chain": ["app-handler", "retry-timeout", "app-handler"]}},
          ["[recovery]", "chain lists a policy twice"]),
         ({"site": {"busy_timeout_s": -0.5}}, ["[site]", "busy_timeout_s must be >= 0"]),
+        ({"service": {"period_s": 0}}, ["[service]", "period_s must be > 0"]),
+        ({"service": {"submit_interval_s": -1}}, ["[service]", "submit_interval_s", ">= 0"]),
+        ({"service": {"max_backoff_s": 5}}, ["[service]", "max_backoff_s (5.0) < submit_interval_s"]),
+        ({"service": {"job_mode": "smp"}}, ["[service]", "job_mode must be one of mpi, serial"]),
     ],
 )
 def test_impossible_limits(raw: dict[str, Any], words: list[str]) -> None:

@@ -18,7 +18,9 @@ from .app import app_group
 from .common import Context
 from .launcher import launcher_command
 from .plugins import plugins_command
+from .queue import queue_group
 from .report import report_command
+from .service import service_command
 from .site import site_group
 from .task import task_group
 
@@ -82,6 +84,8 @@ cli.add_command(task_group)
 cli.add_command(plugins_command)
 cli.add_command(launcher_command)
 cli.add_command(report_command)
+cli.add_command(queue_group)
+cli.add_command(service_command)
 
 
 def main() -> None:
