@@ -22,6 +22,8 @@
 # * `EnforcePartLimits=ALL` makes sbatch refuse impossible requests (too many nodes)
 #   at once instead of leaving them pending forever;
 # * squeue forgets finished jobs after MinJobAge: use sacct (slurmdbd) for older ones;
+# * KillWait=10: between Slurm's SIGTERM (time limit, scancel) and its SIGKILL a Balsam
+#   launcher ends its tasks and writes their states; 2 s was too short for that;
 # * the image's policy-rc.d keeps package postinst scripts from starting daemons, so
 #   everything is started here, by hand.
 set -euo pipefail
@@ -139,7 +141,7 @@ MessageTimeout=10
 SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
-KillWait=2
+KillWait=10
 OverTimeLimit=0
 Waittime=0
 NodeName=c[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$BASEPORT-$((BASEPORT + NODES - 1)) CPUs=$CPUS RealMemory=1000 State=UNKNOWN
