@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 
 import click
 
+from ..batchjobs import mark_started
 from ..launcher.nodes import local_nodes
 from ..launcher.pilot import Launcher, LauncherOptions
 from ..launcher.serial import run_serial
@@ -67,6 +69,8 @@ def launcher_command(
         nodes=tuple(nodes), end_time=end_time, idle_timeout_s=idle_timeout,
         workflow=workflow, tags=parse_pairs(tags, "--tag"), batch_job_id=batch_job_id,
     )
+    if batch_job_id is not None:  # the batch job shows RUNNING from now, not from the next sync
+        mark_started(site, batch_job_id, f"{mode} launcher started on {socket.gethostname()}")
     if mode == "serial":
         mpi = site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
         mpi.check()
