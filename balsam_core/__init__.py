@@ -71,8 +71,8 @@ from .batch_scheduler import (
 )
 from .mpi_support import (
     MpiexecLauncher,
+    MpiexecSettings,
     RankEnvironment,
-    check_mpiexec_settings,
     find_executable,
     rank_environment,
 )
@@ -150,8 +150,8 @@ __all__ = [
     "render_argv",
     "task_environment",
     "MpiexecLauncher",
+    "MpiexecSettings",
     "RankEnvironment",
-    "check_mpiexec_settings",
     "find_executable",
     "rank_environment",
     "decide_chain",

@@ -24,7 +24,6 @@ index is ``rank // ranks_per_node``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,8 +33,8 @@ from .plugin_types import LaunchCommand, LaunchSpec, PluginContext
 __all__ = [
     "GPU_AFFINITY_SCRIPT",
     "MpiexecLauncher",
+    "MpiexecSettings",
     "RankEnvironment",
-    "check_mpiexec_settings",
     "find_executable",
     "rank_environment",
 ]
@@ -105,24 +104,36 @@ def rank_environment(spec: LaunchSpec) -> RankEnvironment:
     return RankEnvironment(argv, env, tuple(dict.fromkeys(export)))
 
 
-def check_mpiexec_settings(executable: str, cpu_bind: str, choices: Sequence[str]) -> None:
-    """The checks every ``[plugins.<mpi launcher>]`` table shares (ValueError if wrong)."""
-    if not executable.strip():
-        raise ValueError("executable must not be empty")
-    if cpu_bind not in choices:
-        raise ValueError(f"cpu_bind must be one of {', '.join(choices)}")
+@dataclass(frozen=True)
+class MpiexecSettings:
+    """``[plugins.<name>]`` of an :class:`MpiexecLauncher`: the program and rank binding.
+
+    A plugin subclasses it to document its table, change the defaults or
+    :attr:`CPU_BIND` (the allowed ``cpu_bind`` values), or add settings.
+    """
+
+    CPU_BIND: ClassVar[tuple[str, ...]] = ("core", "hwthread", "socket", "numa", "none")
+
+    executable: str = "mpiexec"
+    cpu_bind: str = "core"
+
+    def __post_init__(self) -> None:
+        if not self.executable.strip():
+            raise ValueError("executable must not be empty")
+        if self.cpu_bind not in self.CPU_BIND:
+            raise ValueError(f"cpu_bind must be one of {', '.join(self.CPU_BIND)}")
 
 
 class MpiexecLauncher:
     """Base of MPI launcher plugins that start each task with one program run.
 
-    A subclass sets :attr:`name` and :attr:`settings_type` (a settings dataclass with at
-    least ``executable``) and implements :meth:`placement_flags`; the command is
+    A subclass sets :attr:`name` and :attr:`settings_type` (an :class:`MpiexecSettings`)
+    and implements :meth:`placement_flags`; the command is
     ``<executable> <site and task mpi_flags> <placement flags> <task argv>``.
     """
 
     name: ClassVar[str]
-    settings_type: ClassVar[type]
+    settings_type: ClassVar[type[MpiexecSettings]] = MpiexecSettings
 
     def __init__(self, settings: Any = None) -> None:
         self.settings = settings if settings is not None else self.settings_type()

@@ -28,29 +28,30 @@ from dataclasses import dataclass
 from balsam_core import (
     LaunchSpec,
     MpiexecLauncher,
+    MpiexecSettings,
     MpiLauncherPlugin,
     PluginError,
     RankEnvironment,
-    check_mpiexec_settings,
     hookimpl,
 )
 
 __all__ = ["AprunLauncher", "AprunSettings", "balsam_mpi_launchers", "node_id"]
 
-CPU_BIND = ("depth", "cpu", "numa_node", "none")
 _NID = re.compile(r"(?:nid)?0*(\d+)")
 
 
 @dataclass(frozen=True)
-class AprunSettings:
+class AprunSettings(MpiexecSettings):
     """``[plugins.aprun]``: the program, CPU binding and hyper-threads per core."""
+
+    CPU_BIND = ("depth", "cpu", "numa_node", "none")
 
     executable: str = "aprun"
     cpu_bind: str = "depth"
     hyperthreads: int = 1
 
     def __post_init__(self) -> None:
-        check_mpiexec_settings(self.executable, self.cpu_bind, CPU_BIND)
+        super().__post_init__()
         if not 1 <= self.hyperthreads <= 4:
             raise ValueError("hyperthreads must be between 1 and 4")
 

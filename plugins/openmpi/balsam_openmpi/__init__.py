@@ -23,31 +23,20 @@ Settings (``[plugins.openmpi]``, :class:`OpenMpiSettings`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from balsam_core import (
     LaunchSpec,
     MpiexecLauncher,
+    MpiexecSettings,
     MpiLauncherPlugin,
     RankEnvironment,
-    check_mpiexec_settings,
     hookimpl,
 )
 
 __all__ = ["OpenMpiLauncher", "OpenMpiSettings", "balsam_mpi_launchers"]
 
-BIND_OBJECTS = ("core", "hwthread", "socket", "numa", "none")
 
-
-@dataclass(frozen=True)
-class OpenMpiSettings:
+class OpenMpiSettings(MpiexecSettings):
     """``[plugins.openmpi]``: which ``mpiexec`` to call and how ranks are bound."""
-
-    executable: str = "mpiexec"
-    cpu_bind: str = "core"
-
-    def __post_init__(self) -> None:
-        check_mpiexec_settings(self.executable, self.cpu_bind, BIND_OBJECTS)
 
 
 class OpenMpiLauncher(MpiexecLauncher):
