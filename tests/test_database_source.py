@@ -331,6 +331,54 @@ def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) ->
     assert site.task(lost).state == "RUN_TIMEOUT"
 
 
+def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """A launcher that died (no release, no report) left a RUNNING task: once its lease
+    has run out, any launcher's heartbeat moves the task to RUN_TIMEOUT with the reason,
+    and the recovery chain takes it from there (here: retry-timeout)."""
+    from balsam_core.launcher.nodes import local_nodes
+    from balsam_core.launcher.pilot import Launcher as Pilot, LauncherOptions
+    from balsam_core.processing import TransitionProcessor
+
+    dead = source.register(info())
+    (task,) = add_runnable(site, 1, node_packing_count=4)
+    source.lease(dead, ROOM, 5)
+    source.report(dead, [StateUpdate(task, S.RUNNING, "started on n1")])
+    set_lease_expires(site, [task], time.time() - 1)
+
+    pilot = Pilot(
+        site, LauncherOptions(nodes=local_nodes(1, 2, 0), idle_timeout_s=0.2),
+        processing=False,
+    )
+    pilot.run()
+    assert site.task(task).state == "RUN_TIMEOUT"
+    last = site.history(task)[-1]
+    assert (last.from_state, last.message) == ("RUNNING", f"launcher {dead} lost: lease expired")
+    assert lease_of(site, task) == (None, None)
+    # The dead launcher's late report is refused.
+    assert source.report(dead, [StateUpdate(task, S.RUN_DONE, return_code=0)]) == [task]
+
+    processor = TransitionProcessor(site, None, owner_id=pilot.launcher_id)
+    try:
+        processor.process_once(wait=True)
+    finally:
+        processor.close()
+    assert site.task(task).state == "RESTART_READY"
+
+
+def test_a_retried_report_is_not_applied_twice(site: Site, source: DatabaseTaskSource) -> None:
+    """A batch whose commit succeeded but whose answer was lost is sent again: the
+    repeated RUNNING is recognised (not refused, which would end the task)."""
+    lid = source.register(info())
+    (task,) = add_runnable(site, 1)
+    source.lease(lid, ROOM, 1)
+    batch = [StateUpdate(task, S.RUNNING, "started on n1")]
+    assert source.report(lid, batch) == []
+    assert source.report(lid, batch) == []
+    assert [e.to_state for e in site.history(task)].count("RUNNING") == 1
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

@@ -211,6 +211,8 @@ class DatabaseTaskSource:
                 current = states.get(u.task_id)
                 if u.task_id in refused or current in (None, State.USER_KILLED):
                     refused.add(u.task_id)
+                elif current == u.state and u.state == State.RUNNING:
+                    continue  # a batch retried after its commit was lost: applied already
                 elif not is_allowed(current, u.state):  # type: ignore[arg-type]
                     log.warning(
                         "launcher %d reported task %d %s -> %s, which is not allowed: refused",
@@ -268,17 +270,22 @@ class DatabaseTaskSource:
         self._infos.pop(launcher_id, None)
 
     def expire_leases(self, now: float) -> int:
-        """RUNNING tasks whose lease ran out -> RUN_TIMEOUT; other expired leases cleared."""
+        """Reclaim leases that ran out: RUNNING tasks -> RUN_TIMEOUT ("launcher N lost:
+        lease expired"; the recovery chain takes them from there), other expired leases
+        cleared.  Cheap when there is nothing to reclaim (one indexed read, no write
+        lock), so every launcher calls it with its heartbeat."""
+        expired_rows = (Task.lease_launcher_id.is_not(None), Task.lease_expires < now)
+        with self.site.db.session() as s:
+            if s.scalars(select(Task.id).where(*expired_rows).limit(1)).first() is None:
+                return 0
         with self.site.transaction() as tx:
-            query = select(Task.id, Task.state, Task.lease_launcher_id).where(
-                Task.lease_launcher_id.is_not(None), Task.lease_expires < now
-            )
+            query = select(Task.id, Task.state, Task.lease_launcher_id).where(*expired_rows)
             if tx.session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             expired = list(tx.session.execute(query))
             tx.apply(
                 [
-                    Change(i, State.RUN_TIMEOUT, f"lease of launcher {who} expired")
+                    Change(i, State.RUN_TIMEOUT, f"launcher {who} lost: lease expired")
                     for i, state, who in expired
                     if state == State.RUNNING.value
                 ]

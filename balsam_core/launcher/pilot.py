@@ -7,6 +7,14 @@ thread makes tasks runnable; a freed slot is refilled from the tasks leased ahea
 the :class:`~balsam_core.launcher.reporter.Reporter`, which writes them in batches,
 one transaction each; pre/post-processing runs in a worker thread
 (:mod:`balsam_core.processing`).
+
+Faults.  With its heartbeat the loop also reclaims the tasks of launchers that died
+(``TaskSource.expire_leases``).  When the database cannot be reached, running tasks
+keep running, the reporter keeps their transitions, and leasing and heartbeats are
+retried with backoff; a launcher that has not renewed its leases by the time they may
+expire (``lease_s`` after the last renewal, minus a margin to end the processes)
+ends its tasks as RUN_TIMEOUT, so that they never run twice at once when another
+launcher reclaims them.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 
 from ..api import Site, filter_tasks
-from ..errors import BalsamError
+from ..errors import BalsamError, DatabaseError
 from ..models import Task
 from ..plugin_types import (
     LauncherInfo,
@@ -36,10 +45,11 @@ from ..plugin_types import (
     StateUpdate,
     TaskSource,
 )
+from ..processing.staging import _allowed_roots
 from ..site import SITE_ENV
 from ..states import RUNNABLE, State
 from .nodes import NodePool
-from .processes import Exited, ProcessGroup
+from .processes import Exited, ProcessGroup, disk_full
 from .reporter import Reporter
 from .worker import ProcessingWorker
 
@@ -49,6 +59,10 @@ log = logging.getLogger(__name__)
 TASK_ENV = "BALSAM_TASK_ID"
 #: Longest the loop goes without looking at ``LauncherOptions.stop_file``.
 STOP_CHECK_S = 0.5
+#: Longest pause between attempts to reach an unreachable database.
+DB_RETRY_MAX_S = 2.0
+#: ``Launcher._lease_until`` of a launcher whose leases may have been reclaimed.
+LOST = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,12 @@ class Launcher:
         self._stop_reason = ""
         self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
         self._base_env[SITE_ENV] = str(site.site_dir)
+        #: Where working directories may lie, symlinks resolved (as for stage-in/out).
+        self._roots = _allowed_roots(cfg.site_dir, cfg.data_dir.resolve(), cfg.site.allowed_roots)
+        #: Epoch seconds until which this launcher's leases are certainly valid.
+        self._lease_until = float("inf")
+        #: Seconds to the next database retry while it is unreachable (0: reachable).
+        self._db_backoff = 0.0
 
     # ------------------------------------------------------------------ control
 
@@ -155,7 +175,8 @@ class Launcher:
         self._start_processor()  # forks: before any thread starts
         self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
         heartbeat_s = self.site.config.launcher.heartbeat_s
-        next_heartbeat = time.time() + heartbeat_s
+        self._lease_until = time.time() + self.site.config.launcher.lease_s
+        next_heartbeat = 0.0  # at once: reclaim what dead launchers left behind
         next_poll = 0.0
         idle_since = time.time()
         updates: list[StateUpdate] = []
@@ -169,22 +190,32 @@ class Launcher:
                 for task_id in self.procs.overdue(now):
                     self.procs.end(task_id, "timeout")
                 if now >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = now + heartbeat_s
+                    next_heartbeat = now + (heartbeat_s if self._heartbeat() else self._db_backoff)
+                if (
+                    self._lease_until != LOST and now >= self._lease_deadline()
+                    and (len(self.procs) or self.queue)
+                ):
+                    self._lease_lost()  # until the next renewal: no leasing, no starts
                 if self._out_of_time(now):
                     self.stop("allocation ends")
                     break
                 if self.options.stop_file and os.path.exists(self.options.stop_file):
                     self.stop("stop requested")
                     break
-                room = self._has_room()
+                room = self._has_room() and now < self._lease_deadline()
                 if room and now >= next_poll and len(self.queue) < self._slots():
-                    next_poll = now + (0.0 if self._lease() else self.options.poll_s)
+                    leased = self._lease()
+                    next_poll = now + (
+                        0.0 if leased else self._db_backoff or self.options.poll_s
+                    )
                 updates += self._start_placed(now)
                 self.reporter.add(updates)
                 updates = []
-                if len(self.procs) or self.queue or (self.worker and not self.worker.idle):
-                    idle_since = now
+                if (
+                    len(self.procs) or self.queue or (self.worker and not self.worker.idle)
+                    or self._db_backoff
+                ):
+                    idle_since = now  # busy, or cannot tell while the database is away
                 elif self._idle_too_long(now, idle_since):
                     if self.worker is None and self._work_coming():
                         idle_since = now  # another launcher's worker is preparing tasks
@@ -193,6 +224,8 @@ class Launcher:
                         self._warn_unrunnable()
                         break
                 wake_at = [next_heartbeat]
+                if (len(self.procs) or self.queue) and now < self._lease_deadline():
+                    wake_at.append(self._lease_deadline())
                 if room:
                     wake_at.append(next_poll)
                 if self.options.end_time is not None:
@@ -225,7 +258,12 @@ class Launcher:
         limit = self._slots() + self.options.prefetch - len(self.queue)
         if limit <= 0:
             return 0
-        leased = self.source.lease(self.launcher_id, free, limit)
+        try:
+            leased = self.source.lease(self.launcher_id, free, limit)
+        except DatabaseError as exc:
+            self._db_failed("leasing tasks", exc)
+            return 0
+        self._db_ok()
         for task in leased:
             self.queue[task.task_id] = task
         return len(leased)
@@ -257,6 +295,7 @@ class Launcher:
             export=(*task.env, TASK_ENV, SITE_ENV),
         )
         try:
+            self._check_workdir(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
             command = self.mpi.command(spec)
             wall = req.wall_time_min * 60 if req.wall_time_min > 0 else None
@@ -281,6 +320,15 @@ class Launcher:
             )
         ]
 
+    def _check_workdir(self, workdir: Path) -> None:
+        """Refuse a working directory that a symlink leads out of the allowed roots."""
+        real = workdir.resolve()
+        if not any(real == root or real.is_relative_to(root) for root in self._roots):
+            raise BalsamError(
+                f"working directory {workdir} resolves to {real}, outside the site's data "
+                "directory and [site] allowed_roots"
+            )
+
     def _collect(self, exited: Sequence[Exited]) -> list[StateUpdate]:
         updates = []
         for e in exited:
@@ -288,8 +336,12 @@ class Launcher:
             seconds = f"{e.ended - e.started:.3f} s"
             if e.ending == "killed":
                 continue  # already USER_KILLED; nothing to report
-            if e.ending in ("timeout", "shutdown"):
-                why = "wall time exceeded" if e.ending == "timeout" else self._stop_reason
+            if e.ending in ("timeout", "shutdown", "lease lost"):
+                why = {
+                    "timeout": "wall time exceeded",
+                    "lease lost": f"launcher {self.launcher_id} could not renew its lease "
+                    "(database unreachable)",
+                }.get(e.ending, self._stop_reason)
                 self.stats.timed_out += 1
                 updates.append(
                     StateUpdate(
@@ -309,18 +361,73 @@ class Launcher:
                     if e.return_code < 0 and -e.return_code in signal.valid_signals()
                     else f"exit code {e.return_code}"
                 )
+                full = disk_full(e.stderr_path.parent)
                 updates.append(
                     StateUpdate(
-                        e.task_id, State.RUN_ERROR, f"{how} after {seconds}", e.return_code, e.ended
+                        e.task_id, State.RUN_ERROR, f"{how} after {seconds}" + (
+                            f"; {full}" if full else ""
+                        ), e.return_code, e.ended,
                     )
                 )
         return updates
 
-    def _heartbeat(self) -> None:
-        for task_id in self.source.heartbeat(self.launcher_id):
+    def _heartbeat(self) -> bool:
+        """Renew the leases, end tasks killed meanwhile, reclaim the tasks of launchers
+        whose leases ran out; False if the database could not be reached."""
+        started = time.time()
+        try:
+            killed = self.source.heartbeat(self.launcher_id)
+            self._lease_until = started + self.site.config.launcher.lease_s
+            reclaimed = self.source.expire_leases(time.time())
+        except DatabaseError as exc:
+            self._db_failed("renewing leases", exc)
+            return False
+        self._db_ok()
+        if reclaimed:
+            log.warning("reclaimed %d task(s) of launchers whose lease expired", reclaimed)
+        for task_id in killed:
             if task_id in self.procs:
                 self.procs.end(task_id, "killed")
             self.queue.pop(task_id, None)
+        return True
+
+    # ------------------------------------------------------------------ database faults
+
+    def _db_failed(self, doing: str, exc: DatabaseError) -> None:
+        """Note that the database is unreachable; the next retry backs off (to 2 s)."""
+        first = not self._db_backoff
+        self._db_backoff = min(max(self._db_backoff * 2, 0.1), DB_RETRY_MAX_S)
+        if first:
+            log.warning(
+                "launcher %d: %s: %s; tasks keep running, retrying (leases valid for %.0f s)",
+                self.launcher_id, doing, exc, max(0.0, self._lease_until - time.time()),
+            )
+
+    def _db_ok(self) -> None:
+        if self._db_backoff:
+            log.warning("launcher %d: database reachable again", self.launcher_id)
+        self._db_backoff = 0.0
+
+    def _lease_margin(self) -> float:
+        """How long before its leases may expire a launcher starts ending its tasks."""
+        return min(self.options.grace_s, self.site.config.launcher.lease_s / 4)
+
+    def _lease_deadline(self) -> float:
+        return self._lease_until - self._lease_margin()
+
+    def _lease_lost(self) -> None:
+        """The leases were not renewed in time: another launcher may reclaim the tasks
+        at any moment, so they end now (RUN_TIMEOUT, reported once the database is
+        back; refused if they were reclaimed first) and the leased-ahead ones go back."""
+        log.error(
+            "launcher %d could not renew its leases for %.0f s: ending %d running task(s)",
+            self.launcher_id, time.time() - self._lease_until + self.site.config.launcher.lease_s,
+            len(self.procs.ids()),
+        )
+        for task_id in self.procs.ids():
+            self.procs.end(task_id, "lease lost", grace_s=self._lease_margin() / 2)
+        self.queue.clear()
+        self._lease_until = LOST  # until a heartbeat renews the leases
 
     # ------------------------------------------------------------------ time
 
@@ -397,8 +504,14 @@ class Launcher:
             if self.worker is not None:
                 self.worker.stop()  # ends pre/post steps still running, before leases go
             self.reporter.add([*pending, *self._collect(exited)])
-            self.reporter.close()
-            self.source.release(self.launcher_id)
+            self.reporter.close(timeout=self.site.config.launcher.lease_s)
+            try:
+                self.source.release(self.launcher_id)
+            except DatabaseError as exc:
+                log.warning(
+                    "launcher %d could not release its leases (%s): they expire in %.0f s",
+                    self.launcher_id, exc, self.site.config.launcher.lease_s,
+                )
         finally:
             self.procs.close()
         log.info("launcher %d stopped: %s", self.launcher_id, self._stop_reason)

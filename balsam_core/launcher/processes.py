@@ -32,7 +32,7 @@ class Running:
     deadline: float | None
     stderr_path: Path
     pidfd: int
-    #: Why the launcher is ending it ("timeout", "killed", "shutdown"), if it is.
+    #: Why the launcher is ending it ("timeout", "killed", "shutdown", "lease lost"), if it is.
     ending: str | None = None
     kill_at: float | None = None
     tree: list[psutil.Process] = field(default_factory=list)
@@ -77,6 +77,10 @@ class ProcessGroup:
 
     def __contains__(self, task_id: int) -> bool:
         return task_id in self._running
+
+    def ids(self) -> list[int]:
+        """Ids of the running tasks (including those being ended)."""
+        return list(self._running)
 
     def start(
         self,
@@ -150,15 +154,16 @@ class ProcessGroup:
             if r.ending is None and r.deadline is not None and now >= r.deadline
         ]
 
-    def end(self, task_id: int, reason: str) -> None:
-        """SIGTERM the task's whole tree now; SIGKILL what is left after the grace period."""
+    def end(self, task_id: int, reason: str, grace_s: float | None = None) -> None:
+        """SIGTERM the task's whole tree now; SIGKILL what is left after the grace period
+        (*grace_s*, default the group's)."""
         running = self._running.get(task_id)
         if running is None or running.ending is not None:
             return
         running.ending = reason
         running.tree = _tree(running.popen.pid)
         _signal_all(running.popen.pid, running.tree, signal.SIGTERM)
-        running.kill_at = time.time() + self.grace_s
+        running.kill_at = time.time() + (self.grace_s if grace_s is None else grace_s)
 
     def end_all(self, reason: str, timeout: float) -> list[Exited]:
         """End every task and wait (at most *timeout*, then SIGKILL) until all exited."""
@@ -197,6 +202,23 @@ class ProcessGroup:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+#: A task's filesystem with less free space than this counts as full (see :func:`disk_full`).
+FULL_BELOW_BYTES = 64 * 1024
+
+
+def disk_full(workdir: Path) -> str:
+    """A note for a failed task whose working directory's filesystem is (nearly) full:
+    its own error message may not have fitted into its stderr file.  Empty otherwise."""
+    try:
+        fs = os.statvfs(workdir)
+    except OSError:
+        return ""
+    free = fs.f_bavail * fs.f_frsize
+    if free < FULL_BELOW_BYTES or (fs.f_files and not fs.f_favail):
+        return f"no space left on device: {free} bytes free in {workdir}"
+    return ""
 
 
 def _tree(pid: int) -> list[psutil.Process]:

@@ -17,8 +17,13 @@ class Reporter:
     """Writes state updates from a background thread, one transaction per flush.
 
     The hot loop only appends; ids the task source refuses (killed, lease lost) come
-    back through :meth:`refused` and wake the loop.
+    back through :meth:`refused` and wake the loop.  While the database is unreachable
+    updates are kept, in order, and written once it answers again (retried with
+    backoff up to ``MAX_BACKOFF_S``); only :meth:`close` with a timeout gives up on them.
     """
+
+    #: Longest pause between attempts to write while the database is unreachable.
+    MAX_BACKOFF_S = 2.0
 
     def __init__(
         self, source: TaskSource, launcher_id: int, wake: Callable[[], None], flush_s: float
@@ -29,6 +34,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._has_work = threading.Event()
         self._closing = False
+        self._give_up_at: float | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="balsam-reporter", daemon=True)
         self._thread.start()
@@ -65,9 +71,17 @@ class Reporter:
                 refused = self.source.report(self.launcher_id, batch)
                 break
             except DatabaseError as exc:
+                if self._give_up_at is not None and time.time() >= self._give_up_at:
+                    log.error(
+                        "%d state update(s) not written: %s; their leases expire and the "
+                        "tasks are reclaimed", len(batch) + len(self._pending), exc,
+                    )
+                    with self._lock:
+                        self._pending = []
+                    return
                 log.warning("reporting %d updates: %s (retrying in %.1f s)", len(batch), exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, self.MAX_BACKOFF_S)
             except BaseException as exc:  # a bug: keep it for the main thread to raise
                 self.error = exc
                 self.wake()
@@ -77,8 +91,11 @@ class Reporter:
                 self._refused.extend(refused)
             self.wake()
 
-    def close(self) -> None:
-        """Flush everything still pending and stop the thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush everything still pending and stop the thread; with *timeout*, give up
+        on updates the database did not take within that many seconds (logged)."""
+        if timeout is not None:
+            self._give_up_at = time.time() + timeout
         self._closing = True
         self._has_work.set()
         self._thread.join()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
@@ -45,8 +46,12 @@ def _run(
     site = Site.open(site_dir)
     processor = TransitionProcessor(site, None, owner_id=launcher_id, workflow=workflow, tags=tags)
     backoff = interval_s
+    parent = os.getppid()
     try:
         while not stop.is_set():
+            if os.getppid() != parent:  # the launcher died (SIGKILL): so does its worker
+                log.warning("processing: launcher %d is gone; stopping", launcher_id)
+                return
             try:
                 moved = processor.process_once()
                 backoff = interval_s if moved else min(backoff * 2, poll_s)

@@ -274,6 +274,28 @@ class PostgresServer:
         finally:
             self._remove_data_dir()
 
+    def halt(self) -> None:
+        """Stop the postmaster (``pg_ctl -m fast``: clients are disconnected) but keep
+        the data directory and port, so :meth:`resume` brings the same server back.
+        For fault-injection tests."""
+        data_dir = self._require_data_dir()
+        result = self._run_server_cmd(
+            [str(self.pg_bin / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-t", "30", "stop"],
+            timeout=45,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {(result.stdout + result.stderr).strip()}")
+
+    def resume(self) -> None:
+        """Start a server stopped by :meth:`halt` again, on the same port."""
+        self._require_data_dir()
+        port = self._require_port()
+        requested, self._requested_port = self._requested_port, port
+        try:
+            self._pg_ctl_start(self.pg_bin)
+        finally:
+            self._requested_port = requested
+
     def __enter__(self) -> PostgresServer:
         return self.start()
 
