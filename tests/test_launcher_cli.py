@@ -75,3 +75,32 @@ def test_sigterm_stops_cleanly(sqlite_site: Site) -> None:
     for w in workdirs:
         pid = int((w / "child.pid").read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_launcher_takes_its_tasks_with_it(sqlite_site: Site) -> None:
+    """SIGKILL leaves the launcher no time to clean up; its watchdog (deathwatch.py) ends
+    the running tasks, so they cannot keep running while another launcher reruns them."""
+    site = sqlite_site
+    ids = site.add_tasks(
+        [{"command": ["sh", "-c", "echo $$ > main.pid; sleep 300"], "node_packing_count": 2}
+         for _ in range(2)]
+    )
+    proc = launcher(site)
+    pid_files = [site.config.data_dir / site.task(t).default_workdir / "main.pid" for t in ids]
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+        all(p.exists() and p.read_text() for p in pid_files) and site.count() == {"RUNNING": 2}
+    ):
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in pid_files]
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    proc.kill()
+    proc.communicate(timeout=30)
+
+    def alive(pid: int) -> bool:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+    while time.time() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+    assert site.count() == {"RUNNING": 2}  # their lease expires; the next launcher reclaims

@@ -173,6 +173,7 @@ class Launcher:
         )
         log.info("launcher %d started on %d node(s)", self.launcher_id, len(self.options.nodes))
         self._start_processor()  # forks: before any thread starts
+        self.procs.guard_orphans()  # forks too: after the worker, which must not hold its pipe
         self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s

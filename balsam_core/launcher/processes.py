@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from .deathwatch import DeathWatch
+
 
 @dataclass
 class Running:
@@ -56,11 +58,20 @@ class ProcessGroup:
     def __init__(self, grace_s: float = 5.0) -> None:
         self.grace_s = grace_s
         self._running: dict[int, Running] = {}
+        self._deathwatch: DeathWatch | None = None
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def guard_orphans(self) -> None:
+        """Fork the watchdog that kills running tasks if this process dies uncleanly.
+
+        Call it before starting threads, after forking other children (they must not
+        inherit its pipe: the watchdog acts when the last writer is gone).
+        """
+        self._deathwatch = DeathWatch()
 
     def watch(self, fd: int) -> None:
         """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it)."""
@@ -113,6 +124,8 @@ class ProcessGroup:
         )
         self._running[task_id] = running
         self._selector.register(pidfd, selectors.EVENT_READ, task_id)
+        if self._deathwatch is not None:
+            self._deathwatch.started(popen.pid)  # its session id = its process group
         return running
 
     def wait(self, timeout: float | None) -> list[Exited]:
@@ -197,8 +210,12 @@ class ProcessGroup:
         self._running.pop(running.task_id, None)
         self._selector.unregister(running.pidfd)
         os.close(running.pidfd)
+        if self._deathwatch is not None:
+            self._deathwatch.ended(running.popen.pid)
 
     def close(self) -> None:
+        if self._deathwatch is not None:
+            self._deathwatch.close()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
