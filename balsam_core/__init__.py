@@ -57,6 +57,8 @@ from .taskspec import render_argv, task_environment
 from .batch_scheduler import (
     END_TIME_ENV,
     CommandResult,
+    CommandScheduler,
+    CommandSchedulerSettings,
     ScriptTemplate,
     check_directive,
     check_word,
@@ -159,6 +161,8 @@ __all__ = [
     "is_allowed",
     "END_TIME_ENV",
     "CommandResult",
+    "CommandScheduler",
+    "CommandSchedulerSettings",
     "ScriptTemplate",
     "check_directive",
     "check_word",

@@ -4,6 +4,10 @@ In the style of Balsam 2's ``SubprocessSchedulerInterface`` and psij's batch
 executors, a scheduler plugin is a script template, a few ``render -> run -> parse``
 pairs and a native-state table.  This module holds the parts every such plugin needs:
 
+* :class:`CommandScheduler`: the base class of such a plugin's scheduler (constructor,
+  ``from_context`` factory, ``render_script``, ``_run``), and
+  :class:`CommandSchedulerSettings`, the base of its ``[plugins.<name>]`` dataclass
+  (the checks of ``extra_directives``, ``command_timeout_s`` and directive words);
 * :class:`ScriptTemplate`: a submit-script template shipped as package data
   (``<package>/templates/<name>``), overridable by the site file
   ``<site_dir>/templates/<name>``, rendered with :class:`string.Template`;
@@ -30,13 +34,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from .errors import PluginError
-from .plugin_types import BatchJobSpec
+from .plugin_types import BatchJobSpec, PluginContext
 from .states import BatchJobState
 
 __all__ = [
     "CommandResult",
+    "CommandScheduler",
+    "CommandSchedulerSettings",
     "ScriptTemplate",
     "check_directive",
     "check_word",
@@ -242,6 +249,122 @@ def check_directive(value: str, where: str) -> str:
     if "\n" in value or "\r" in value or "\0" in value:
         raise ValueError(f"{where} = {value!r} must be one line")
     return value
+
+
+# --------------------------------------------------------------------------- base classes
+
+
+class CommandSchedulerSettings:
+    """Base of the ``[plugins.<name>]`` settings of a :class:`CommandScheduler`.
+
+    A plugin's settings are a frozen dataclass deriving from this class and declaring
+    all its fields itself, ``extra_directives: list[str]`` (more directive lines) and
+    ``command_timeout_s: float`` (seconds any command may take) among them, each in its
+    place in the plugin's table: this class declares no dataclass fields, so the order of
+    the keys (as configuration errors list them) is the plugin's own.
+
+    ``__post_init__`` makes the checks all share, in this order: every setting named in
+    :attr:`DIRECTIVE_WORDS` can stand unquoted in a directive line (:func:`check_word`),
+    every ``extra_directives`` item is one line (:func:`check_directive`), and
+    ``command_timeout_s`` is > 0.  A subclass with more checks calls
+    ``super().__post_init__()`` from its own.
+    """
+
+    #: Settings written unquoted into directive lines (account, queue options...).
+    DIRECTIVE_WORDS: ClassVar[tuple[str, ...]] = ()
+
+    extra_directives: list[str]
+    command_timeout_s: float
+
+    def __post_init__(self) -> None:
+        for name in self.DIRECTIVE_WORDS:
+            check_word(getattr(self, name), name)
+        for i, item in enumerate(self.extra_directives):
+            check_directive(item, f"extra_directives[{i}]")
+        if self.command_timeout_s <= 0:
+            raise ValueError("command_timeout_s must be > 0")
+
+
+_S = TypeVar("_S", bound="CommandScheduler")
+
+
+class CommandScheduler:
+    """Base of scheduler plugins that drive a batch system through its commands.
+
+    A subclass sets :attr:`name` (the plugin's name, also the prefix of its messages),
+    :attr:`settings_type` (its :class:`CommandSchedulerSettings` dataclass) and
+    :attr:`template` (its :class:`ScriptTemplate`), implements :meth:`directives`, and
+    the :class:`~balsam_core.Scheduler` methods ``submit``, ``status``, ``cancel``,
+    ``allocation`` and ``backfill_windows``.  This class gives the constructor, the
+    factory the plugin manager calls (:meth:`from_context`), :meth:`render_script` and
+    :meth:`_run` (one command with the settings' ``command_timeout_s``).
+    """
+
+    name: ClassVar[str]
+    settings_type: ClassVar[type[CommandSchedulerSettings]]
+    template: ClassVar[ScriptTemplate]
+
+    def __init__(
+        self,
+        site_dir: Path,
+        settings: Any = None,
+        cpus_per_node: int = 1,
+        gpus_per_node: int = 0,
+    ) -> None:
+        self.site_dir = Path(site_dir)
+        self.settings = settings if settings is not None else self.settings_type()
+        #: CPUs of every node of an allocation; its GPU ids are ``0 .. gpus_per_node-1``.
+        self.cpus_per_node = cpus_per_node
+        self.gpus_per_node = gpus_per_node
+
+    @classmethod
+    def cpus_per_node_from(cls, context: PluginContext) -> int:
+        """The ``cpus_per_node`` :meth:`from_context` passes: ``[launcher] cpus_per_node``,
+        0 resolved to this machine's CPU count (``node_cpus``)."""
+        return context.config.launcher.node_cpus
+
+    @classmethod
+    def from_context(cls: type[_S], context: PluginContext) -> _S:
+        """The factory the plugin manager calls (``[plugins.<name>]`` already built)."""
+        settings = context.settings if context.settings is not None else cls.settings_type()
+        return cls(
+            context.site_dir,
+            settings,
+            cls.cpus_per_node_from(context),
+            context.config.launcher.gpus_per_node,
+        )
+
+    def _run(
+        self, argv: Sequence[str], check: bool = True, env: Mapping[str, str] | None = None
+    ) -> CommandResult:
+        """:func:`run_command` with ``command_timeout_s``; messages start with :attr:`name`."""
+        return run_command(
+            argv, timeout=self.settings.command_timeout_s, what=self.name, check=check, env=env
+        )
+
+    # ------------------------------------------------------------------ script
+
+    def directives(self, job: BatchJobSpec) -> list[str]:
+        """The scheduler directive lines of *job*: the template's ``${directives}``."""
+        raise NotImplementedError
+
+    def directive_word(self, job: BatchJobSpec, name: str, value: str) -> str:
+        """*value* of setting or job field *name* if it can stand unquoted in a directive
+        line (:func:`check_word`); else a PluginError naming the batch job."""
+        try:
+            return check_word(value, name)
+        except ValueError as exc:
+            raise PluginError(f"{self.name}: batch job {job.job_id}: {exc}") from None
+
+    def script_values(self, job: BatchJobSpec) -> dict[str, str]:
+        """The template's placeholder values: :func:`job_values` and ``directives``."""
+        values = job_values(job, self.name)
+        values["directives"] = "\n".join(self.directives(job))
+        return values
+
+    def render_script(self, job: BatchJobSpec) -> str:
+        """The job script: the template, values shell-quoted, directives validated."""
+        return self.template.render(self.site_dir, self.script_values(job))
 
 
 # --------------------------------------------------------------------------- parsing

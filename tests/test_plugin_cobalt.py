@@ -10,9 +10,7 @@ rendered script (checked with ``bash -n``), and the parsing.
 
 from __future__ import annotations
 
-import os
 import shlex
-import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ import pytest
 
 from balsam_core import BatchJobSpec, BatchJobState, ConfigError, PluginContext, PluginError, plugins
 from balsam_core.config import from_dict
+from tests.harness.stand_ins import bindir, calls, stand_in  # noqa: F401 (bindir: fixture)
 
 balsam_cobalt = pytest.importorskip("balsam_cobalt", reason="plugins/cobalt is not installed")
 from balsam_cobalt.scheduler import CobaltScheduler, CobaltSettings  # noqa: E402
@@ -55,25 +54,6 @@ def site(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     site.mkdir()
     return site
-
-
-@pytest.fixture
-def bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "bin"
-    path.mkdir()
-    monkeypatch.setenv("PATH", f"{path}{os.pathsep}{os.environ['PATH']}")
-    return path
-
-
-def stand_in(bindir: Path, name: str, body: str) -> None:
-    script = bindir / name
-    script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{bindir}/calls.log"\n{body}\n')
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-
-
-def calls(bindir: Path) -> list[str]:
-    log = bindir / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ PBS Pro cannot run here.  Two kinds of tests:
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import stat
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ import pytest
 
 from balsam_core import BatchJobSpec, BatchJobState, ConfigError, PluginContext, PluginError, plugins
 from balsam_core.config import from_dict
+from tests.harness.stand_ins import bindir, calls, stand_in  # noqa: F401 (bindir: fixture)
 
 balsam_pbs = pytest.importorskip("balsam_pbs", reason="plugins/pbs is not installed")
 from balsam_pbs.scheduler import PbsScheduler, PbsSettings  # noqa: E402
@@ -67,26 +66,6 @@ def site(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     site.mkdir()
     return site
-
-
-@pytest.fixture
-def bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory first on PATH for stand-in commands; each logs its argv to calls.log."""
-    path = tmp_path / "bin"
-    path.mkdir()
-    monkeypatch.setenv("PATH", f"{path}{os.pathsep}{os.environ['PATH']}")
-    return path
-
-
-def stand_in(bindir: Path, name: str, body: str) -> None:
-    script = bindir / name
-    script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{bindir}/calls.log"\n{body}\n')
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-
-
-def calls(bindir: Path) -> list[str]:
-    log = bindir / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
 
 
 @pytest.fixture

@@ -297,9 +297,9 @@ def test_status_of_many_ids_in_one_command(cluster, make_sched, site, probe, sub
     assert wait_for(lambda: cluster.job_state(running) == "RUNNING")
 
     calls: list[tuple[str, ...]] = []
-    real_run = slurm_mod.run_command
-    monkeypatch.setattr(slurm_mod, "run_command",
-                        lambda argv, **kw: calls.append(tuple(argv)) or real_run(argv, **kw))
+    real_run = sched._run
+    monkeypatch.setattr(sched, "_run",
+                        lambda argv, *a, **kw: calls.append(tuple(argv)) or real_run(argv, *a, **kw))
     result = sched.status([running, failed, pending, "999999", "not-an-id"])
     assert [c[0] for c in calls] == ["squeue", "sacct"]  # sacct only for the unknown id
     assert calls[1][calls[1].index("-j") + 1] == "999999"

@@ -28,21 +28,18 @@ from balsam_core import (
     BatchJobSpec,
     BatchJobState,
     CommandResult,
+    CommandScheduler,
+    CommandSchedulerSettings,
     NodeSpec,
-    PluginContext,
     PluginError,
     SchedulerJobStatus,
     ScriptTemplate,
-    check_directive,
-    check_word,
     command_error,
     end_time_from_env,
     expand_ranges,
-    job_values,
     map_native_state,
     parse_duration_min,
     read_nodefile,
-    run_command,
 )
 
 __all__ = ["NATIVE_STATES", "CobaltScheduler", "CobaltSettings", "parse_qstat_long"]
@@ -73,8 +70,10 @@ _JOB_ID = re.compile(r"^\d+$")
 
 
 @dataclass(frozen=True)
-class CobaltSettings:
+class CobaltSettings(CommandSchedulerSettings):
     """``[plugins.cobalt]``."""
+
+    DIRECTIVE_WORDS = ("project", "attrs", "mode")
 
     #: ``-A`` for jobs whose project is empty (``[scheduler] project`` wins).
     project: str = ""
@@ -89,39 +88,24 @@ class CobaltSettings:
     command_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("project", "attrs", "mode"):
-            check_word(getattr(self, name), name)
-        for i, item in enumerate(self.extra_directives):
-            check_directive(item, f"extra_directives[{i}]")
+        super().__post_init__()
         try:
             self.node_name_format.format(1)
         except (ValueError, IndexError, KeyError) as exc:
             raise ValueError(f"node_name_format = {self.node_name_format!r}: {exc}") from None
-        if self.command_timeout_s <= 0:
-            raise ValueError("command_timeout_s must be > 0")
 
 
-class CobaltScheduler:
-    """Batch jobs through Cobalt (see the module docstring)."""
+class CobaltScheduler(CommandScheduler):
+    """Batch jobs through Cobalt (see the module docstring).
 
-    name = "cobalt"
+    ``CobaltScheduler(site_dir, settings=None, cpus_per_node=1, gpus_per_node=0)``;
+    :meth:`from_context` passes ``[launcher]``'s CPUs per node (0: this machine's count).
+    """
 
-    def __init__(self, site_dir: Path, settings: CobaltSettings | None = None,
-                 cpus_per_node: int = 1, gpus_per_node: int = 0) -> None:
-        self.site_dir = Path(site_dir)
-        self.settings = settings or CobaltSettings()
-        self.cpus_per_node = cpus_per_node
-        self.gpus_per_node = gpus_per_node
-
-    @classmethod
-    def from_context(cls, context: PluginContext) -> CobaltScheduler:
-        """The factory the plugin manager calls."""
-        launcher = context.config.launcher
-        settings = context.settings if context.settings is not None else CobaltSettings()
-        return cls(context.site_dir, settings, launcher.node_cpus, launcher.gpus_per_node)
-
-    def _run(self, argv: Sequence[str], check: bool = True) -> CommandResult:
-        return run_command(argv, timeout=self.settings.command_timeout_s, what=WHAT, check=check)
+    name = WHAT
+    settings_type = CobaltSettings
+    template = TEMPLATE
+    settings: CobaltSettings
 
     # ------------------------------------------------------------------ script
 
@@ -135,19 +119,9 @@ class CobaltScheduler:
             ("--attrs", "attrs", s.attrs),
         ):
             if value:
-                try:
-                    check_word(value, name)
-                except ValueError as exc:
-                    raise PluginError(f"{WHAT}: batch job {job.job_id}: {exc}") from None
-                lines.append(f"#COBALT {flag} {value}")
+                lines.append(f"#COBALT {flag} {self.directive_word(job, name, value)}")
         lines.extend(f"#COBALT {item}" for item in s.extra_directives)
         return lines
-
-    def render_script(self, job: BatchJobSpec) -> str:
-        """The job script: the template, values shell-quoted, directives validated."""
-        values = job_values(job, WHAT)
-        values["directives"] = "\n".join(self.directives(job))
-        return TEMPLATE.render(self.site_dir, values)
 
     # ------------------------------------------------------------------ submit
 

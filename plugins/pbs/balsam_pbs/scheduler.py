@@ -35,20 +35,17 @@ from balsam_core import (
     BatchJobSpec,
     BatchJobState,
     CommandResult,
+    CommandScheduler,
+    CommandSchedulerSettings,
     NodeSpec,
-    PluginContext,
     PluginError,
     SchedulerJobStatus,
     ScriptTemplate,
-    check_directive,
-    check_word,
     command_error,
     end_time_from_env,
-    job_values,
     map_native_state,
     parse_duration_min,
     read_nodefile,
-    run_command,
 )
 
 __all__ = ["NATIVE_STATES", "PbsScheduler", "PbsSettings", "parse_qstat_json", "parse_qstat_text"]
@@ -86,8 +83,10 @@ _GONE = re.compile(r"Unknown Job Id|Job has finished|job has finished|Invalid jo
 
 
 @dataclass(frozen=True)
-class PbsSettings:
+class PbsSettings(CommandSchedulerSettings):
     """``[plugins.pbs]``."""
+
+    DIRECTIVE_WORDS = ("account", "resources", "place")
 
     #: "pbspro" (OpenPBS, PBS Professional) or "torque".
     flavor: str = "pbspro"
@@ -105,35 +104,20 @@ class PbsSettings:
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, got {self.flavor!r}")
-        for name in ("account", "resources", "place"):
-            check_word(getattr(self, name), name)
-        for i, item in enumerate(self.extra_directives):
-            check_directive(item, f"extra_directives[{i}]")
-        if self.command_timeout_s <= 0:
-            raise ValueError("command_timeout_s must be > 0")
+        super().__post_init__()
 
 
-class PbsScheduler:
-    """Batch jobs through PBS Pro or Torque (see the module docstring)."""
+class PbsScheduler(CommandScheduler):
+    """Batch jobs through PBS Pro or Torque (see the module docstring).
 
-    name = "pbs"
+    ``PbsScheduler(site_dir, settings=None, cpus_per_node=1, gpus_per_node=0)``;
+    :meth:`from_context` passes ``[launcher]``'s CPUs per node (0: this machine's count).
+    """
 
-    def __init__(self, site_dir: Path, settings: PbsSettings | None = None,
-                 cpus_per_node: int = 1, gpus_per_node: int = 0) -> None:
-        self.site_dir = Path(site_dir)
-        self.settings = settings or PbsSettings()
-        self.cpus_per_node = cpus_per_node
-        self.gpus_per_node = gpus_per_node
-
-    @classmethod
-    def from_context(cls, context: PluginContext) -> PbsScheduler:
-        """The factory the plugin manager calls."""
-        launcher = context.config.launcher
-        settings = context.settings if context.settings is not None else PbsSettings()
-        return cls(context.site_dir, settings, launcher.node_cpus, launcher.gpus_per_node)
-
-    def _run(self, argv: Sequence[str], check: bool = True) -> CommandResult:
-        return run_command(argv, timeout=self.settings.command_timeout_s, what=WHAT, check=check)
+    name = WHAT
+    settings_type = PbsSettings
+    template = TEMPLATE
+    settings: PbsSettings
 
     # ------------------------------------------------------------------ script
 
@@ -148,21 +132,16 @@ class PbsScheduler:
         for flag, name, value in (("-q", "queue", job.queue if job.queue != DEFAULT_QUEUE else ""),
                                   ("-A", "account", job.project or s.account)):
             if value:
-                try:
-                    check_word(value, name)
-                except ValueError as exc:
-                    raise PluginError(f"{WHAT}: batch job {job.job_id}: {exc}") from None
-                lines.append(f"#PBS {flag} {value}")
+                lines.append(f"#PBS {flag} {self.directive_word(job, name, value)}")
         lines.extend(f"#PBS {item}" for item in s.extra_directives)
         return lines
 
-    def render_script(self, job: BatchJobSpec) -> str:
-        """The job script: the template, values shell-quoted, directives validated."""
-        values = job_values(job, WHAT)
+    def script_values(self, job: BatchJobSpec) -> dict[str, str]:
+        """The standard values, ``${directives}`` and ``${walltime}`` (``HH:MM:00``)."""
+        values = super().script_values(job)
         wall = int(job.wall_time_min)
         values["walltime"] = f"{wall // 60:02d}:{wall % 60:02d}:00"
-        values["directives"] = "\n".join(self.directives(job))
-        return TEMPLATE.render(self.site_dir, values)
+        return values
 
     # ------------------------------------------------------------------ submit
 

@@ -1,6 +1,7 @@
 """The Slurm scheduler: ``sbatch``, ``squeue`` (+ ``sacct``), ``scancel``, ``scontrol``, ``sinfo``.
 
-Every command runs as an argv list with ``[plugins.slurm] command_timeout_s``.
+A :class:`~balsam_core.CommandScheduler`: every command runs as an argv list with
+``[plugins.slurm] command_timeout_s``.
 
 * **submit**: ``sbatch --parsable --chdir=<workdir> --output=<workdir>/slurm-%j.out
   <script>``; the id is the number before an optional ``;cluster``.
@@ -37,18 +38,16 @@ from balsam_core import (
     BatchJobSpec,
     BatchJobState,
     CommandResult,
+    CommandScheduler,
+    CommandSchedulerSettings,
     NodeSpec,
     PluginContext,
     PluginError,
     SchedulerJobStatus,
     ScriptTemplate,
-    check_directive,
-    check_word,
     command_error,
-    job_values,
     map_native_state,
     parse_duration_min,
-    run_command,
 )
 
 __all__ = ["NATIVE_STATES", "SlurmScheduler", "SlurmSettings", "parse_cpus_per_node"]
@@ -97,8 +96,10 @@ _GONE = ("Invalid job id specified", "already completing or completed", "Job has
 
 
 @dataclass(frozen=True)
-class SlurmSettings:
+class SlurmSettings(CommandSchedulerSettings):
     """``[plugins.slurm]``."""
+
+    DIRECTIVE_WORDS = ("account", "qos", "constraint", "reservation")
 
     #: ``--account`` for jobs whose project is empty (``[scheduler] project`` wins).
     account: str = ""
@@ -118,20 +119,18 @@ class SlurmSettings:
     unlimited_window_min: float = 1440.0
 
     def __post_init__(self) -> None:
-        for name in ("account", "qos", "constraint", "reservation"):
-            check_word(getattr(self, name), name)
-        for i, item in enumerate(self.extra_directives):
-            check_directive(item, f"extra_directives[{i}]")
-        if self.command_timeout_s <= 0:
-            raise ValueError("command_timeout_s must be > 0")
+        super().__post_init__()
         if self.unlimited_window_min <= 0:
             raise ValueError("unlimited_window_min must be > 0")
 
 
-class SlurmScheduler:
+class SlurmScheduler(CommandScheduler):
     """Batch jobs through Slurm (see the module docstring)."""
 
-    name = "slurm"
+    name = WHAT
+    settings_type = SlurmSettings
+    template = TEMPLATE
+    settings: SlurmSettings
 
     def __init__(
         self,
@@ -140,28 +139,14 @@ class SlurmScheduler:
         cpus_per_node: int = 0,
         gpus_per_node: int = 0,
     ) -> None:
-        self.site_dir = Path(site_dir)
-        self.settings = settings or SlurmSettings()
-        #: 0: take the CPU count Slurm reports for the allocation.
-        self.cpus_per_node = cpus_per_node
-        self.gpus_per_node = gpus_per_node
+        # cpus_per_node 0: take the CPU count Slurm reports for the allocation.
+        super().__init__(site_dir, settings, cpus_per_node, gpus_per_node)
         self._sacct_warned = False
 
     @classmethod
-    def from_context(cls, context: PluginContext) -> SlurmScheduler:
-        """The factory the plugin manager calls."""
-        launcher = context.config.launcher
-        return cls(
-            context.site_dir,
-            context.settings if context.settings is not None else SlurmSettings(),
-            launcher.cpus_per_node,
-            launcher.gpus_per_node,
-        )
-
-    def _run(self, argv: Sequence[str], check: bool = True, **kw: object) -> CommandResult:
-        return run_command(
-            argv, timeout=self.settings.command_timeout_s, what=WHAT, check=check, **kw  # type: ignore[arg-type]
-        )
+    def cpus_per_node_from(cls, context: PluginContext) -> int:
+        """``[launcher] cpus_per_node`` as set: 0 means the count Slurm reports."""
+        return context.config.launcher.cpus_per_node
 
     # ------------------------------------------------------------------ script
 
@@ -178,23 +163,11 @@ class SlurmScheduler:
         ):
             if value:
                 options.append((name, value))
-        lines = []
-        for name, value in options:
-            try:
-                check_word(value, name)
-            except ValueError as exc:
-                raise PluginError(f"{WHAT}: batch job {job.job_id}: {exc}") from None
-            lines.append(f"#SBATCH --{name}={value}")
+        lines = [f"#SBATCH --{name}={self.directive_word(job, name, value)}" for name, value in options]
         if s.exclusive:
             lines.append("#SBATCH --exclusive")
         lines.extend(f"#SBATCH {item}" for item in s.extra_directives)
         return lines
-
-    def render_script(self, job: BatchJobSpec) -> str:
-        """The job script: the template, values shell-quoted, directives validated."""
-        values = job_values(job, WHAT)
-        values["directives"] = "\n".join(self.directives(job))
-        return TEMPLATE.render(self.site_dir, values)
 
     # ------------------------------------------------------------------ submit
 
