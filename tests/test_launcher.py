@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 from balsam_core.api import Site
 from balsam_core.launcher.nodes import local_nodes
 from balsam_core.launcher.pilot import Launcher, LauncherOptions
+from balsam_core.launcher.processes import Exited
 from balsam_core.models import Task
 from balsam_core.states import State
 from balsam_core.transitions import Change
@@ -224,3 +226,19 @@ def test_tasks_too_big_for_the_allocation_are_named(
     assert site.task(big).state == "PREPROCESSED"  # left for a larger allocation
     assert last(site, small)[0] == "RUN_DONE"
     assert f"task {big}: 2 node(s)" in caplog.text and "do not fit" in caplog.text
+
+
+def test_a_task_dying_of_the_jobs_stop_signal_is_a_timeout(sqlite_site: Site) -> None:
+    """A batch system ends a job by signalling all its processes at once (Slurm at the
+    time limit): a task that dies of that signal before the stopping launcher ends it
+    timed out with the job; killed by the same signal otherwise, it is an error."""
+    launcher = Launcher(
+        sqlite_site, LauncherOptions(nodes=local_nodes(1, 2, 0)), processing=False
+    )
+    now = time.time()
+    died = [Exited(7, -signal.SIGTERM, now - 1, now, None, Path("stderr"))]
+    assert [u.state for u in launcher._collect(died)] == [State.RUN_ERROR]
+    launcher.stop("received SIGTERM")
+    (update,) = launcher._collect(died)
+    assert update.state is State.RUN_TIMEOUT and update.message.startswith("received SIGTERM")
+    launcher.procs.close()

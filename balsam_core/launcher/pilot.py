@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 
 TASK_ENV = "BALSAM_TASK_ID"
+#: Signals by which a batch system ends a job's processes (time limit, cancel).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
 #: Longest the loop goes without looking at ``LauncherOptions.stop_file``.
 STOP_CHECK_S = 0.5
 #: Longest pause between attempts to reach an unreachable database.
@@ -335,14 +337,19 @@ class Launcher:
         for e in exited:
             self.pool.release(e.task_id)
             seconds = f"{e.ended - e.started:.3f} s"
-            if e.ending == "killed":
+            ending = e.ending
+            if ending is None and self._stop.is_set() and -e.return_code in STOP_SIGNALS:
+                # The batch system signals every process of the job at once: the task died
+                # of the same stop the launcher is handling, before it could end the task.
+                ending = "shutdown"
+            if ending == "killed":
                 continue  # already USER_KILLED; nothing to report
-            if e.ending in ("timeout", "shutdown", "lease lost"):
+            if ending in ("timeout", "shutdown", "lease lost"):
                 why = {
                     "timeout": "wall time exceeded",
                     "lease lost": f"launcher {self.launcher_id} could not renew its lease "
                     "(database unreachable)",
-                }.get(e.ending, self._stop_reason)
+                }.get(ending, self._stop_reason)
                 self.stats.timed_out += 1
                 updates.append(
                     StateUpdate(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from sqlalchemy import bindparam, update
@@ -122,7 +123,12 @@ class _Recovery:
             held = _held(tx.session, [i.id for i in items], self.owner_id)
             expected = {i.id: i.state for i in items}
             ok = {i for i, st in held.items() if st is expected[i]}
-            tx.apply([c for c in changes if c.task_id in ok], launcher_id=self.owner_id, now=now)
+            # Stamped when written (never before the failure another process recorded
+            # during this pass), unless a virtual clock runs ahead.
+            tx.apply(
+                [c for c in changes if c.task_id in ok], launcher_id=self.owner_id,
+                now=max(now, time.time()),
+            )
             bump = [i for i in retried if i in ok]
             for part in chunks(bump):
                 tx.session.execute(
