@@ -357,10 +357,13 @@ def test_sacct_answers_for_jobs_squeue_forgot(cluster, make_sched, site, probe, 
 
     def both() -> dict:
         result = sched.status([done, failed, "999999"])
-        complete = len(result) == 2 and all(v.wall_time_min for v in result.values())
+        complete = len(result) == 2 and all(
+            v.wall_time_min and v.native_state not in ("PENDING", "RUNNING")
+            for v in result.values()
+        )
         return result if complete else {}
 
-    # slurmdbd records jobs asynchronously: the time limit may come a moment later
+    # slurmdbd records jobs asynchronously: the end state and time limit may come later
     result = wait_for(both, timeout=15)
     assert {k: (v.state, v.native_state, v.num_nodes, v.wall_time_min) for k, v in result.items()} == {
         done: (BatchJobState.FINISHED, "COMPLETED", 1, 5.0),
