@@ -364,7 +364,7 @@ def test_sacct_answers_for_jobs_squeue_forgot(cluster, make_sched, site, probe, 
         return result if complete else {}
 
     # slurmdbd records jobs asynchronously: the end state and time limit may come later
-    result = wait_for(both, timeout=15)
+    result = wait_for(both, timeout=30)
     assert {k: (v.state, v.native_state, v.num_nodes, v.wall_time_min) for k, v in result.items()} == {
         done: (BatchJobState.FINISHED, "COMPLETED", 1, 5.0),
         failed: (BatchJobState.FAILED, "FAILED", 1, 5.0),
