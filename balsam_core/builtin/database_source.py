@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def requirements(task: models.Task) -> TaskRequirements:
+    """What *task* needs from the allocation (the packing strategies' view of it)."""
     return TaskRequirements(
         task_id=task.id,
         num_nodes=task.num_nodes,
