@@ -79,7 +79,8 @@ def test_sigterm_stops_cleanly(sqlite_site: Site) -> None:
 
 def test_a_killed_launcher_takes_its_tasks_with_it(sqlite_site: Site) -> None:
     """SIGKILL leaves the launcher no time to clean up; its watchdog (deathwatch.py) ends
-    the running tasks, so they cannot keep running while another launcher reruns them."""
+    the running tasks, so they cannot keep running while another launcher reruns them,
+    and its processing worker and the watchdog exit too."""
     site = sqlite_site
     ids = site.add_tasks(
         [{"command": ["sh", "-c", "echo $$ > main.pid; sleep 300"], "node_packing_count": 2}
@@ -94,6 +95,10 @@ def test_a_killed_launcher_takes_its_tasks_with_it(sqlite_site: Site) -> None:
         time.sleep(0.1)
     pids = [int(p.read_text()) for p in pid_files]
     assert all(psutil.pid_exists(pid) for pid in pids)
+    children = [p.pid for p in psutil.Process(proc.pid).children()]
+    helpers = [pid for pid in children if pid not in pids]  # worker and watchdog
+    assert len(helpers) == 2
+    pids += helpers
     proc.kill()
     proc.communicate(timeout=30)
 

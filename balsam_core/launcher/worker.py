@@ -6,6 +6,11 @@ The child writes one byte per pass to a pipe the hot loop watches: ``b"m"`` when
 pass moved tasks (some may now be runnable: lease at once), ``b"b"`` when work is
 still in flight, ``b"i"`` when it found nothing to do.  The launcher counts as idle
 only while the worker says ``i``.
+
+The child sleeps between passes on a second pipe, of which only the launcher holds
+the write end: a byte means "stop", end-of-file means the launcher died.  (A
+``multiprocessing.Event`` here deadlocked a worker forever when its launcher was
+SIGKILLed while holding the event's lock.)
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ def _run(
     workflow: str | None,
     tags: dict[str, str],
     status: Connection,
-    stop: Any,
+    stop_fds: tuple[int, int],
     interval_s: float,
     poll_s: float,
 ) -> None:
@@ -43,15 +48,13 @@ def _run(
     from ..errors import DatabaseError
     from ..processing import TransitionProcessor
 
+    stop_r, stop_w = stop_fds
+    os.close(stop_w)  # the launcher's end: when its only holder dies, stop_r reads EOF
     site = Site.open(site_dir)
     processor = TransitionProcessor(site, None, owner_id=launcher_id, workflow=workflow, tags=tags)
     backoff = interval_s
-    parent = os.getppid()
     try:
-        while not stop.is_set():
-            if os.getppid() != parent:  # the launcher died (SIGKILL): so does its worker
-                log.warning("processing: launcher %d is gone; stopping", launcher_id)
-                return
+        while True:
             try:
                 moved = processor.process_once()
                 backoff = interval_s if moved else min(backoff * 2, poll_s)
@@ -62,10 +65,20 @@ def _run(
             except Exception:  # a bug: say so, keep the launcher's tasks running
                 log.exception("processing failed; retrying in 5 s")
                 backoff = 5.0
-            stop.wait(backoff)
+            if _stop_requested(stop_r, backoff, launcher_id):
+                break
     finally:
         processor.close()
         site.db.dispose()
+
+
+def _stop_requested(fd: int, timeout: float, launcher_id: int) -> bool:
+    """Wait up to *timeout* for a stop byte or end-of-file on *fd*."""
+    if not select.select([fd], [], [], timeout)[0]:
+        return False
+    if not os.read(fd, 1):
+        log.warning("processing: launcher %d is gone; stopping", launcher_id)
+    return True
 
 
 class ProcessingWorker:
@@ -85,16 +98,17 @@ class ProcessingWorker:
         # connections (it never touches the parent's pooled ones).
         ctx = multiprocessing.get_context("fork")
         self._status, child_end = ctx.Pipe(duplex=False)
-        self._stop = ctx.Event()
+        stop_r, self._stop_w = os.pipe()
         self._process = ctx.Process(
             target=_run,
-            args=(site_dir, launcher_id, workflow, dict(tags), child_end, self._stop,
-                  interval_s, poll_s),
+            args=(site_dir, launcher_id, workflow, dict(tags), child_end,
+                  (stop_r, self._stop_w), interval_s, poll_s),
             name="balsam-processing",
             daemon=True,
         )
         self._process.start()
         child_end.close()
+        os.close(stop_r)
         #: The worker's last word: None until its first pass.
         self.last: bytes | None = None
 
@@ -119,9 +133,13 @@ class ProcessingWorker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the current pass finish, then end the worker (killed after *timeout*)."""
-        self._stop.set()
+        try:
+            os.write(self._stop_w, b"s")
+        except OSError:
+            pass  # the worker is gone already
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
         self._status.close()
+        os.close(self._stop_w)
