@@ -87,20 +87,23 @@ def test_a_killed_launcher_takes_its_tasks_with_it(sqlite_site: Site) -> None:
          for _ in range(2)]
     )
     proc = launcher(site)
-    pid_files = [site.config.data_dir / site.task(t).default_workdir / "main.pid" for t in ids]
-    deadline = time.time() + 60
-    while time.time() < deadline and not (
-        all(p.exists() and p.read_text() for p in pid_files) and site.count() == {"RUNNING": 2}
-    ):
-        time.sleep(0.1)
-    pids = [int(p.read_text()) for p in pid_files]
-    assert all(psutil.pid_exists(pid) for pid in pids)
-    children = [p.pid for p in psutil.Process(proc.pid).children()]
-    helpers = [pid for pid in children if pid not in pids]  # worker and watchdog
-    assert len(helpers) == 2
-    pids += helpers
-    proc.kill()
-    proc.communicate(timeout=30)
+    try:
+        pid_files = [site.config.data_dir / site.task(t).default_workdir / "main.pid" for t in ids]
+        deadline = time.time() + 60
+        while time.time() < deadline and not (
+            all(p.exists() and p.read_text() for p in pid_files)
+            and site.count() == {"RUNNING": 2}
+        ):
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in pid_files]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        children = [p.pid for p in psutil.Process(proc.pid).children()]
+        helpers = [pid for pid in children if pid not in pids]  # worker and watchdog
+        assert len(helpers) == 2
+        pids += helpers
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
 
     def alive(pid: int) -> bool:
         return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
