@@ -45,12 +45,12 @@ from ..plugin_types import (
     StateUpdate,
     TaskSource,
 )
-from ..processing.staging import _allowed_roots
+from ..processing.staging import allowed_roots, inside
 from ..site import SITE_ENV
 from ..states import RUNNABLE, State
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup, disk_full
-from .reporter import Reporter
+from .reporter import DB_RETRY_MAX_S, Reporter
 from .worker import ProcessingWorker
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ TASK_ENV = "BALSAM_TASK_ID"
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
 #: Longest the loop goes without looking at ``LauncherOptions.stop_file``.
 STOP_CHECK_S = 0.5
-#: Longest pause between attempts to reach an unreachable database.
-DB_RETRY_MAX_S = 2.0
 #: ``Launcher._lease_until`` of a launcher whose leases may have been reclaimed.
 LOST = float("-inf")
 
@@ -142,7 +140,7 @@ class Launcher:
         self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
         self._base_env[SITE_ENV] = str(site.site_dir)
         #: Where working directories may lie, symlinks resolved (as for stage-in/out).
-        self._roots = _allowed_roots(cfg.site_dir, cfg.data_dir.resolve(), cfg.site.allowed_roots)
+        self._roots = allowed_roots(cfg.site_dir, cfg.data_dir.resolve(), cfg.site.allowed_roots)
         #: Epoch seconds until which this launcher's leases are certainly valid.
         self._lease_until = float("inf")
         #: Seconds to the next database retry while it is unreachable (0: reachable).
@@ -326,7 +324,7 @@ class Launcher:
     def _check_workdir(self, workdir: Path) -> None:
         """Refuse a working directory that a symlink leads out of the allowed roots."""
         real = workdir.resolve()
-        if not any(real == root or real.is_relative_to(root) for root in self._roots):
+        if not inside(real, self._roots):
             raise BalsamError(
                 f"working directory {workdir} resolves to {real}, outside the site's data "
                 "directory and [site] allowed_roots"

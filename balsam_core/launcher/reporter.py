@@ -12,6 +12,9 @@ from ..plugin_types import StateUpdate, TaskSource
 
 log = logging.getLogger(__name__)
 
+#: Longest pause between attempts to reach an unreachable database (reports, leases).
+DB_RETRY_MAX_S = 2.0
+
 
 class Reporter:
     """Writes state updates from a background thread, one transaction per flush.
@@ -19,11 +22,9 @@ class Reporter:
     The hot loop only appends; ids the task source refuses (killed, lease lost) come
     back through :meth:`refused` and wake the loop.  While the database is unreachable
     updates are kept, in order, and written once it answers again (retried with
-    backoff up to ``MAX_BACKOFF_S``); only :meth:`close` with a timeout gives up on them.
+    backoff up to ``DB_RETRY_MAX_S``); only :meth:`close` with a timeout gives up on them.
     """
 
-    #: Longest pause between attempts to write while the database is unreachable.
-    MAX_BACKOFF_S = 2.0
 
     def __init__(
         self, source: TaskSource, launcher_id: int, wake: Callable[[], None], flush_s: float
@@ -81,7 +82,7 @@ class Reporter:
                     return
                 log.warning("reporting %d updates: %s (retrying in %.1f s)", len(batch), exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, self.MAX_BACKOFF_S)
+                delay = min(delay * 2, DB_RETRY_MAX_S)
             except BaseException as exc:  # a bug: keep it for the main thread to raise
                 self.error = exc
                 self.wake()

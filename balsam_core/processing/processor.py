@@ -63,7 +63,7 @@ from ..transitions import Change, chunks
 from .items import _FORWARD, _RECOVER, S, _exc, _Item, _one_line, _Outcome, _StepFailed
 from .queries import _held, _item, _parent_dirs, _set_lease, _trivial_sql
 from .recovery import _Recovery, site_policies
-from .staging import _allowed_roots, _Staging
+from .staging import _Staging, allowed_roots
 from .steps import ERROR_ENV, TIMEOUT_ENV, _kill_group, _Steps
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         config = site.config
         self.lease_s = config.launcher.lease_s
         self.data_dir = config.data_dir.resolve()
-        self.roots = _allowed_roots(config.site_dir, self.data_dir, config.site.allowed_roots)
+        self.roots = allowed_roots(config.site_dir, self.data_dir, config.site.allowed_roots)
         self.policies: list[RecoveryPolicy] = (
             site_policies(site) if policies is None else list(policies)
         )

@@ -55,7 +55,7 @@ class _Staging:
         return real
 
     def _inside(self, path: Path) -> bool:
-        return any(path == r or path.is_relative_to(r) for r in self.roots)
+        return inside(path, self.roots)
 
     def _roots_text(self) -> str:
         return "the site's data directory and [site] allowed_roots (" + ", ".join(
@@ -194,7 +194,8 @@ class _Staging:
         return count
 
 
-def _allowed_roots(site_dir: Path, data_dir: Path, roots: Sequence[str]) -> tuple[Path, ...]:
+def allowed_roots(site_dir: Path, data_dir: Path, roots: Sequence[str]) -> tuple[Path, ...]:
+    """Where task files may lie: the data directory and ``[site] allowed_roots``, resolved."""
     result = [data_dir]
     for root in roots:
         path = Path(root).expanduser()
@@ -202,6 +203,11 @@ def _allowed_roots(site_dir: Path, data_dir: Path, roots: Sequence[str]) -> tupl
             path = site_dir / path
         result.append(path.resolve())
     return tuple(result)
+
+
+def inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Is the resolved *path* one of *roots* or below one?"""
+    return any(path == r or path.is_relative_to(r) for r in roots)
 
 
 def _copy(src: Path, dst: Path) -> None:
