@@ -51,7 +51,7 @@ from .plugin_types import (
     TaskSourcePlugin,
     TransitionEvent,
 )
-from .states import RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
+from .states import BATCH_JOB_END, RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
 from .taskspec import render_argv, task_environment
 from .batch_scheduler import (
@@ -101,6 +101,7 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BATCH_JOB_END",
     "RUNNABLE",
     "ActiveJob",
     "Allocation",

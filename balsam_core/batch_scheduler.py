@@ -93,7 +93,6 @@ def run_command(
     what: str,
     check: bool = True,
     env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> CommandResult:
     """Run *argv* (no shell) and return its output.
 
@@ -112,7 +111,6 @@ def run_command(
             capture_output=True,
             timeout=timeout,
             env=None if env is None else dict(env),
-            cwd=cwd,
             check=False,
         )
     except FileNotFoundError:

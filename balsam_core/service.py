@@ -299,7 +299,6 @@ class PeriodReport:
     #: Ids of the submissions that failed.
     failed: list[int] = field(default_factory=list)
     retired: list[int] = field(default_factory=list)
-    held: int = 0
     #: One line per step that failed.
     errors: list[str] = field(default_factory=list)
 
@@ -371,8 +370,7 @@ class Service:
                     now=now,
                 )
                 (report.submitted if job.state == B.QUEUED.value else report.failed).append(job.id)
-        report.held = len(decision.held)
-        self._log_period(report, decision)
+        self._log_period(report, decision, now)
         return report
 
     @contextlib.contextmanager
@@ -385,10 +383,10 @@ class Service:
             log.debug("%s", what, exc_info=True)
             report.errors.append(line)
 
-    def _log_period(self, report: PeriodReport, decision: Plan) -> None:
+    def _log_period(self, report: PeriodReport, decision: Plan, now: float) -> None:
         held = ""
         if decision.held and decision.next_submit_at is not None:
-            wait = max(0.0, decision.next_submit_at - self.clock())
+            wait = max(0.0, decision.next_submit_at - now)
             held = f", {len(decision.held)} held for {wait:.0f} s (rate limit)"
         log.info(
             "backlog %d task(s); submitted %s, failed %s, retired %s%s; %d job change(s)",

@@ -62,6 +62,7 @@ from balsam_core import (
     SchedulerJobStatus,
     SchedulerPlugin,
     ScriptTemplate,
+    end_time_from_env,
     hookimpl,
     job_values,
     map_native_state,
@@ -165,11 +166,6 @@ class LocalScheduler:
         return cls(context.site_dir, launcher.node_cpus, launcher.gpus_per_node, settings)
 
     # ------------------------------------------------------------------ script
-
-    def template_path(self) -> Path | None:
-        """The site's template override, if there is one."""
-        path = TEMPLATE.site_path(self.site_dir)
-        return path if path.is_file() else None
 
     def template_text(self) -> tuple[str, str]:
         """The template text and where it came from (for error messages)."""
@@ -324,15 +320,7 @@ class LocalScheduler:
             cpus=self.node_cpus,
             gpu_ids=tuple(range(self.gpus_per_node)),
         )
-        raw = os.environ.get(END_TIME_ENV)
-        end_time: float | None = None
-        if raw is not None and raw.strip():
-            try:
-                end_time = float(raw)
-            except ValueError:
-                raise PluginError(
-                    f"local scheduler: {END_TIME_ENV}={raw!r} is not a time in epoch seconds"
-                ) from None
+        end_time = end_time_from_env("local scheduler", END_TIME_ENV)
         return Allocation(nodes=(node,), end_time=end_time)
 
     def backfill_windows(self) -> list[BackfillWindow]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from ..launcher.nodes import local_nodes
 from ..launcher.pilot import Launcher, LauncherOptions
 from ..launcher.serial import run_serial
 from ..plugin_types import NodeSpec
-from .common import Context, pass_ctx, parse_pairs
+from .common import Context, parse_pairs, pass_ctx, setup_logging
 
 
 def split_nodes(nodes: Sequence[NodeSpec], count: int, cpus_per_node: int) -> tuple[NodeSpec, ...]:
@@ -52,10 +51,7 @@ def launcher_command(
     """Run tasks on the nodes of this allocation until it ends (or --idle-timeout)."""
     site = ctx.site()
     cfg = site.config
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose)
     scheduler = site.plugins.create("scheduler", cfg.scheduler.use, cfg)
     allocation = scheduler.allocation()
     nodes = allocation.nodes

@@ -119,14 +119,13 @@ def ls_command(ctx: Context, show_all: bool, as_json: bool, no_sync: bool) -> No
 def cancel_command(ctx: Context, job_ids: Sequence[int]) -> None:
     """Cancel batch jobs (a job that already ended is left as it is)."""
     site = ctx.site()
-    for job_id in job_ids:
-        batchjobs.get(site, job_id)  # an unknown id fails before anything is cancelled
+    # an unknown id fails before anything is cancelled
+    before = {job_id: batchjobs.get(site, job_id).state for job_id in job_ids}
     scheduler = scheduler_of(site)
     _quiet_job_logs()
     for job_id in job_ids:
-        before = batchjobs.get(site, job_id).state
         job = batchjobs.cancel(site, scheduler, job_id)
-        if job.state == before:
+        if job.state == before[job_id]:
             click.echo(f"batch job {job_id} had already ended ({job.state})")
         else:
             click.echo(f"batch job {job_id} cancelled")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 
 import click
 
 from ..service import Service
-from .common import Context, pass_ctx
+from .common import Context, pass_ctx, setup_logging
 
 
 @click.command("service")
@@ -21,8 +20,5 @@ def service_command(ctx: Context, once: bool, period_s: float | None, verbose: b
 
     One service per site; SIGTERM or Ctrl-C ends it between two steps.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose)
     Service(ctx.site()).run(period_s=period_s, once=once)

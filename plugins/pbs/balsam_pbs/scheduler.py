@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from balsam_core import (
+    BATCH_JOB_END,
     Allocation,
     BackfillWindow,
     BatchJobSpec,
@@ -201,7 +202,7 @@ class PbsScheduler(CommandScheduler):
             return
         # qdel's exit codes differ between flavours: ask qstat whether the job lives
         status = self.status([sid]).get(sid)
-        if status is None or status.state in (B.FINISHED, B.FAILED, B.CANCELLED):
+        if status is None or status.state in BATCH_JOB_END:
             return
         raise command_error(WHAT, result)
 
