@@ -137,6 +137,11 @@ class Site:
     def site_dir(self) -> Path:
         return self.config.site_dir
 
+    def selected(self, kind: str) -> Any:
+        """A new instance of the plugin the site selects for *kind* (``scheduler``,
+        ``mpi_launcher``, ``task_source``, ``packing_strategy``)."""
+        return self.plugins.create(kind, self.config.selections()[kind][0], self.config)
+
     def info(self) -> dict[str, Any]:
         """What the site is made of: paths, database (password hidden), the plugin stack."""
         stack = {}

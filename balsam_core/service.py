@@ -315,18 +315,11 @@ class Service:
         source: TaskSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        cfg = site.config
         self.site = site
-        self.settings = cfg.service
-        self.scheduler: Scheduler = scheduler or site.plugins.create(
-            "scheduler", cfg.scheduler.use, cfg
-        )
-        self.packing: PackingStrategy = packing or site.plugins.create(
-            "packing_strategy", cfg.packing.use, cfg
-        )
-        self.source: TaskSource = source or site.plugins.create(
-            "task_source", cfg.task_source.use, cfg
-        )
+        self.settings = site.config.service
+        self.scheduler: Scheduler = scheduler or site.selected("scheduler")
+        self.packing: PackingStrategy = packing or site.selected("packing_strategy")
+        self.source: TaskSource = source or site.selected("task_source")
         self.clock = clock
         self._stop = threading.Event()
 

@@ -52,7 +52,7 @@ def launcher_command(
     site = ctx.site()
     cfg = site.config
     setup_logging(verbose)
-    scheduler = site.plugins.create("scheduler", cfg.scheduler.use, cfg)
+    scheduler = site.selected("scheduler")
     allocation = scheduler.allocation()
     nodes = allocation.nodes
     if node_count is not None:
@@ -68,7 +68,7 @@ def launcher_command(
     if batch_job_id is not None:  # the batch job shows RUNNING from now, not from the next sync
         mark_started(site, batch_job_id, f"{mode} launcher started on {socket.gethostname()}")
     if mode == "serial":
-        mpi = site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
+        mpi = site.selected("mpi_launcher")
         mpi.check()
         raise SystemExit(run_serial(site, options, mpi))
     launcher = Launcher(site, options)

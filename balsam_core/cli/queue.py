@@ -10,23 +10,15 @@ from typing import Any
 import click
 
 from .. import batchjobs
-from ..api import Site
 from ..config import JOB_MODES
 from ..errors import BalsamError, ValidationError
 from ..models import BatchJob
-from ..plugin_types import Scheduler
 from .common import Context, echo_json, fmt_time, pass_ctx, parse_pairs, shorten, table
 
 
 @click.group("queue")
 def queue_group() -> None:
     """Submit, list and cancel batch jobs."""
-
-
-def scheduler_of(site: Site) -> Scheduler:
-    """The site's scheduler plugin."""
-    cfg = site.config
-    return site.plugins.create("scheduler", cfg.scheduler.use, cfg)
 
 
 def job_dict(job: BatchJob) -> dict[str, Any]:
@@ -72,7 +64,7 @@ def submit_command(
         queue = queues[0]
     _quiet_job_logs()
     job = batchjobs.submit(
-        site, scheduler_of(site), num_nodes=num_nodes, wall_time_min=wall_time_min,
+        site, site.selected("scheduler"), num_nodes=num_nodes, wall_time_min=wall_time_min,
         queue=queue, project=project, job_mode=job_mode, workflow=workflow, tags=filters,
         idle_timeout_s=idle_timeout,
     )
@@ -93,7 +85,7 @@ def ls_command(ctx: Context, show_all: bool, as_json: bool, no_sync: bool) -> No
     if not no_sync:
         _quiet_job_logs()
         try:
-            batchjobs.sync(site, scheduler_of(site))
+            batchjobs.sync(site, site.selected("scheduler"))
         except BalsamError as exc:
             click.echo(f"Warning: {exc}; showing the recorded states", err=True)
     jobs = batchjobs.jobs(site, include_ended=show_all)
@@ -121,7 +113,7 @@ def cancel_command(ctx: Context, job_ids: Sequence[int]) -> None:
     site = ctx.site()
     # an unknown id fails before anything is cancelled
     before = {job_id: batchjobs.get(site, job_id).state for job_id in job_ids}
-    scheduler = scheduler_of(site)
+    scheduler = site.selected("scheduler")
     _quiet_job_logs()
     for job_id in job_ids:
         job = batchjobs.cancel(site, scheduler, job_id)

@@ -119,13 +119,9 @@ class Launcher:
         cfg = site.config
         self.site = site
         self.options = options
-        self.source: TaskSource = source or site.plugins.create(
-            "task_source", cfg.task_source.use, cfg
-        )
-        self.packing: PackingStrategy = packing or site.plugins.create(
-            "packing_strategy", cfg.packing.use, cfg
-        )
-        self.mpi: MpiLauncher = mpi or site.plugins.create("mpi_launcher", cfg.launcher.mpi, cfg)
+        self.source: TaskSource = source or site.selected("task_source")
+        self.packing: PackingStrategy = packing or site.selected("packing_strategy")
+        self.mpi: MpiLauncher = mpi or site.selected("mpi_launcher")
         self.mpi.check()
         self._processing = processing
         self.mode = mode
