@@ -27,6 +27,7 @@ from balsam_core.errors import PluginError
 from balsam_core.launcher.nodes import local_nodes
 from balsam_core.launcher.pilot import Launcher, LauncherOptions
 from balsam_core.models import Launcher as LauncherRow
+from balsam_core.models import Task as TaskRow
 from balsam_core.states import State
 from balsam_core.transitions import Change
 from tests.harness.mpi import FLAVOURS, Flavour, build_probe, configure_site, parse_probe
@@ -278,16 +279,27 @@ def test_serial_agents_stop_together_before_the_allocation_ends(mpi_site: Site) 
     site = mpi_site
     ids = site.add_tasks([{"command": ["sleep", "60"], "node_packing_count": 2} for _ in range(4)])
     started = time.time()
-    # 0.15 min = 9 s; agents stop margin_s (5 s) before: about 4 s after the start
-    proc = serial_launcher(site, "--time-limit-min", "0.15")
+    # 0.3 min = 18 s; agents stop margin_s (5 s) before: about 13 s after the start,
+    # room for agents that take several seconds to start on a loaded machine
+    proc = serial_launcher(site, "--time-limit-min", "0.3")
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
-    assert time.time() - started < 9
+    assert time.time() - started < 18
     assert output.count("stopped: allocation ends") == 2, output  # both agents
     assert "RUNNING" not in site.count()
-    assert all(
-        any(e.to_state == "RUN_TIMEOUT" for e in site.history(t)) for t in ids
-    )
+    # Under load an agent may start after the others have run out of time to start
+    # tasks; what must hold is that every task that ran was stopped and recorded,
+    # and every other one is back in the backlog, unleased.
+    ran = [t for t in ids if any(e.to_state == "RUNNING" for e in site.history(t))]
+    assert ran, output
+    for task in ids:
+        history = site.history(task)
+        if task in ran:
+            assert any(e.to_state == "RUN_TIMEOUT" for e in history)
+        else:
+            assert site.task(task).state in ("READY", "RESTART_READY")
+    with site.db.session() as s:
+        assert not [r for r in s.query(TaskRow) if r.lease_launcher_id is not None]
 
 
 def test_serial_mode_on_several_nodes_needs_an_mpi_launcher(tmp_path: Path) -> None:
