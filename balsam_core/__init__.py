@@ -82,11 +82,19 @@ from .mpi_support import (
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
+    from .fastforward import FAST_FORWARD, nothing_to_do, skip
     from .transitions import Change
 
 #: Names imported on first use: they pull in SQLAlchemy, which plugins that only
 #: declare records (and processes that only import them) need not pay for.
-_LAZY = {"Site": ("api", "Site"), "Change": ("transitions", "Change"), "models": ("models", None)}
+_LAZY = {
+    "Site": ("api", "Site"),
+    "Change": ("transitions", "Change"),
+    "models": ("models", None),
+    "FAST_FORWARD": ("fastforward", "FAST_FORWARD"),
+    "nothing_to_do": ("fastforward", "nothing_to_do"),
+    "skip": ("fastforward", "skip"),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -102,6 +110,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BATCH_JOB_END",
+    "FAST_FORWARD",
     "RUNNABLE",
     "ActiveJob",
     "Allocation",
@@ -150,6 +159,8 @@ __all__ = [
     "ValidationError",
     "hookimpl",
     "models",
+    "nothing_to_do",
+    "skip",
     "render_argv",
     "task_environment",
     "MpiexecLauncher",

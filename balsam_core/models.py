@@ -161,7 +161,22 @@ class Task(Base):
 
     @property
     def default_workdir(self) -> str:
-        return f"{self.workflow}/{self.name}_{self.id}"
+        """``<workflow>/<name>_<id>``: the working directory of a task that names none."""
+        return _default_workdir(self)
+
+
+#: Where, in its working directory, a task's standard output and error go.
+STDOUT_FILE, STDERR_FILE = "stdout", "stderr"
+
+
+def _default_workdir(row: Any) -> str:
+    return f"{row.workflow}/{row.name}_{row.id}"
+
+
+def workdir_of(row: Any) -> str:
+    """A task's working directory relative to data/: its own, or the default one
+    (*row*: a Task or a row with its ``id``, ``name``, ``workflow`` and ``workdir``)."""
+    return row.workdir or _default_workdir(row)
 
 
 class TaskTag(Base):

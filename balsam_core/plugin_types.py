@@ -376,6 +376,10 @@ class TaskSource(Protocol):
     ) -> list[LeasedTask]:
         """Lease up to *limit* runnable tasks that fit the *free* resources together.
 
+        Runnable: PREPROCESSED and RESTART_READY, and READY or STAGED_IN tasks with
+        nothing to do before their run (:func:`balsam_core.nothing_to_do`), whose skipped
+        steps the lease records (:func:`balsam_core.skip`): a launcher's processing
+        worker leaves those to the task source.
         A node may be listed more than once: capacity the launcher leases ahead for
         (its tasks start when the node frees up); a multi-node task needs distinct nodes.
         """

@@ -88,7 +88,7 @@ def test_register_and_lease(site: Site, source: DatabaseTaskSource) -> None:
         command=["./run", "$(id)"], environment={"X": "1"}, workdir="custom/dir"
     ).id
     plain = site.add_tasks([{"command": "./p"}] * 4)
-    not_yet = site.add_task(command="./ready-only").id  # READY: not runnable
+    not_yet = site.add_task(command="./ready-only", input_files=["*.dat"]).id  # to stage in
     runnable(site, [t_app, t_cmd, *plain])
     restart = site.add_task(command="./again").id
     runnable(site, [restart])
@@ -241,7 +241,12 @@ def test_report(site: Site, source: DatabaseTaskSource) -> None:
     )
     assert refused == [t3]
     one, two, three = (site.task(t) for t in (t1, t2, t3))
-    assert (one.state, one.return_code) == ("RUN_DONE", 0)
+    assert (one.state, one.return_code) == ("JOB_FINISHED", 0)  # nothing to do after the run
+    assert [(e.to_state, e.message, e.launcher_id) for e in site.history(t1)[-3:]] == [
+        ("RUN_DONE", "exit 0", holder),
+        ("POSTPROCESSED", "no postprocess step", holder),
+        ("JOB_FINISHED", "nothing to stage out", holder),
+    ]
     assert (two.state, two.return_code) == ("RUN_ERROR", 3)
     assert (three.state, three.return_code) == ("USER_KILLED", None)
     assert site.history(t3)[-1].message == "user said stop"
@@ -249,7 +254,40 @@ def test_report(site: Site, source: DatabaseTaskSource) -> None:
     # The lease ends when the task leaves RUNNING; later reports are not the launcher's.
     assert lease_of(site, t1) == (None, None) and lease_of(site, t2) == (None, None)
     assert source.report(holder, [StateUpdate(t1, S.POSTPROCESSED)]) == [t1]
-    assert site.task(t1).state == "RUN_DONE"
+    assert site.task(t1).state == "JOB_FINISHED"
+
+
+def test_tasks_with_nothing_to_do_skip_the_processing_worker(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """READY tasks with nothing to prepare are leased and fast-forwarded in the lease's
+    transaction; a run of one with nothing to do after it finishes in the report's."""
+    lid = source.register(info())
+    site.add_app("pre", ["sim"], preprocess=["prep"])
+    site.add_app("post", ["sim"], postprocess=["tidy"])
+    plain = site.add_task(command="./plain").id
+    to_stage = site.add_task(command="./x", input_files=["*.dat"]).id
+    to_prepare = site.add_task(app="pre").id
+    to_tidy = site.add_task(app="post").id
+    child = site.add_task(command="./child", parents=[plain]).id
+
+    leased = source.lease(lid, ROOM, 10)
+    assert ids_of(leased) == [plain, to_tidy]
+    assert {t.state for t in leased} == {S.PREPROCESSED}
+    assert [(e.from_state, e.to_state, e.message, e.launcher_id)
+            for e in site.history(plain)[-2:]] == [
+        ("READY", "STAGED_IN", "nothing to stage in", lid),
+        ("STAGED_IN", "PREPROCESSED", "no preprocess step", lid),
+    ]
+    assert site.task(to_stage).state == site.task(to_prepare).state == "READY"
+    assert lease_of(site, to_stage) == lease_of(site, to_prepare) == (None, None)
+
+    for state in (S.RUNNING, S.RUN_DONE):
+        assert source.report(lid, [StateUpdate(t, state) for t in (plain, to_tidy)]) == []
+    assert site.task(plain).state == "JOB_FINISHED"
+    assert site.task(to_tidy).state == "RUN_DONE"  # its postprocess step is the worker's
+    assert site.task(child).state == "READY"  # the DAG rules ran in the same transaction
+    assert lease_of(site, plain) == lease_of(site, to_tidy) == (None, None)
 
 
 def test_report_records_batch_job(

@@ -54,6 +54,13 @@ def last(site: Site, task_id: int) -> tuple[str, str]:
     return event.to_state, event.message
 
 
+def run_end(site: Site, task_id: int) -> tuple[str, str]:
+    """How the task's last run ended (a clean run is then fast-forwarded to JOB_FINISHED)."""
+    history = site.history(task_id)
+    started = max(i for i, e in enumerate(history) if e.to_state == "RUNNING")
+    return history[started + 1].to_state, history[started + 1].message
+
+
 def workdir(site: Site, task_id: int) -> Path:
     return site.config.data_dir / site.task(task_id).default_workdir
 
@@ -68,7 +75,7 @@ def test_every_kind_of_ending(sqlite_site: Site) -> None:
         {"command": ["/nonexistent/program", "x"], "name": "missing"},
     )
     launcher = run(site)
-    assert last(site, ok)[0] == "RUN_DONE"
+    assert run_end(site, ok)[0] == "RUN_DONE"
     assert (workdir(site, ok) / "stdout").read_text() == "hello\n"
     assert last(site, code3)[0] == "RUN_ERROR" and "exit code 3" in last(site, code3)[1]
     assert site.task(code3).return_code == 3
@@ -76,9 +83,13 @@ def test_every_kind_of_ending(sqlite_site: Site) -> None:
     assert last(site, segv)[0] == "RUN_ERROR" and "SIGSEGV" in last(site, segv)[1]
     assert site.task(segv).return_code == -11
     assert last(site, missing) == ("RUN_ERROR", "executable not found: /nonexistent/program")
+    assert [e.to_state for e in site.history(ok)][-4:] == [
+        "RUNNING", "RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"
+    ]
+    for task_id in (code3, segv, missing):
+        assert [e.to_state for e in site.history(task_id)][-2] == "RUNNING"
     for task_id in (ok, code3, segv, missing):
         events = site.history(task_id)
-        assert [e.to_state for e in events][-2] == "RUNNING"
         assert all(e.launcher_id == launcher.launcher_id for e in events[-2:])
         assert site.task(task_id).lease_launcher_id is None
     assert launcher.stop_reason == "idle timeout"
@@ -109,7 +120,7 @@ def test_grandchildren_do_not_outlive_their_task(sqlite_site: Site) -> None:
     site = sqlite_site
     (parent,) = runnable(site, {"command": ["sh", "-c", "sleep 120 & echo $! > grandchild.pid"]})
     run(site)
-    assert last(site, parent)[0] == "RUN_DONE"
+    assert run_end(site, parent)[0] == "RUN_DONE"
     pid = int((workdir(site, parent) / "grandchild.pid").read_text())
     time.sleep(0.1)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -119,7 +130,7 @@ def test_large_output_goes_to_the_file(sqlite_site: Site) -> None:
     site = sqlite_site
     (big,) = runnable(site, {"command": py("import sys; sys.stdout.write('x' * 100_000_000)")})
     run(site)
-    assert last(site, big)[0] == "RUN_DONE"
+    assert run_end(site, big)[0] == "RUN_DONE"
     assert (workdir(site, big) / "stdout").stat().st_size == 100_000_000
 
 
@@ -142,7 +153,7 @@ def test_kill_from_the_database_ends_the_whole_tree(site: Site) -> None:
     run(site, idle_timeout_s=0.5)
     killer.join()
     assert site.task(sleeper).state == "USER_KILLED"
-    assert last(site, other)[0] == "RUN_DONE"  # the launcher kept running the others
+    assert run_end(site, other)[0] == "RUN_DONE"  # the launcher kept running the others
     for name in ("main.pid", "child.pid"):
         pid = int((workdir(site, sleeper) / name).read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -195,7 +206,7 @@ def test_a_task_kills_a_sibling(sqlite_site: Site) -> None:
     (killer,) = runnable(site, {"command": py(killer_code), "name": "killer"})
     site.config.launcher.__dict__["heartbeat_s"] = 0.2
     run(site, idle_timeout_s=0.5)
-    assert last(site, killer)[0] == "RUN_DONE"
+    assert run_end(site, killer)[0] == "RUN_DONE"
     assert site.task(victim).state == "USER_KILLED"
     assert f"killed by task {killer}" in last(site, victim)[1]
 
@@ -224,7 +235,7 @@ def test_tasks_too_big_for_the_allocation_are_named(
     big, small = runnable(site, {"command": ["true"], "num_nodes": 2}, {"command": ["true"]})
     run(site)
     assert site.task(big).state == "PREPROCESSED"  # left for a larger allocation
-    assert last(site, small)[0] == "RUN_DONE"
+    assert run_end(site, small)[0] == "RUN_DONE"
     assert f"task {big}: 2 node(s)" in caplog.text and "do not fit" in caplog.text
 
 

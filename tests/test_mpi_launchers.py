@@ -114,7 +114,7 @@ def test_two_nodes_two_ranks_report_layout_environment_and_sum(
         "threads_per_rank": 2, "environment": {"PROBE_VAR": literal},
     })
     run(site)
-    assert site.task(task).state == "RUN_DONE", site.history(task)[-1].message
+    assert site.task(task).state == "JOB_FINISHED", site.history(task)[-1].message
     ranks = parse_probe(stdout(site, task))
     assert [r["rank"] for r in ranks] == ["0", "1", "2", "3"]
     assert {r["size"] for r in ranks} == {"4"} and {r["sum"] for r in ranks} == {"6"}
@@ -138,7 +138,7 @@ def test_a_two_node_task_and_four_half_node_tasks_share_two_nodes(
     )
     run(site)
     for task in (big, *halves):
-        assert site.task(task).state == "RUN_DONE", site.history(task)[-1].message
+        assert site.task(task).state == "JOB_FINISHED", site.history(task)[-1].message
         assert {r["sum"] for r in parse_probe(stdout(site, task))} == {"1" if task != big else "6"}
     b_start, b_end, _ = running_intervals(site, big)
     spans = [running_intervals(site, t) for t in halves]
@@ -297,7 +297,7 @@ def test_serial_agents_stop_together_before_the_allocation_ends(mpi_site: Site) 
         if task in ran:
             assert any(e.to_state == "RUN_TIMEOUT" for e in history)
         else:
-            assert site.task(task).state in ("READY", "RESTART_READY")
+            assert site.task(task).state in ("READY", "PREPROCESSED"), (task, output)
     with site.db.session() as s:
         assert not [r for r in s.query(TaskRow) if r.lease_launcher_id is not None]
 

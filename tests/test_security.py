@@ -173,7 +173,7 @@ def test_workdir_cannot_escape_the_site(sqlite_site: Site, tmp_path: Path) -> No
     message = site.history(escaping)[-1].message
     assert f"resolves to {outside.resolve()}/run, outside the site's data directory" in message
     assert list(outside.iterdir()) == []  # nothing created or run out there
-    assert site.task(inside).state == "RUN_DONE"
+    assert site.task(inside).state == "JOB_FINISHED"
     assert (site.config.data_dir / "fine" / "run" / "was-here").exists()
 
 
@@ -194,7 +194,7 @@ def test_hostile_arguments_reach_the_program_literally(sqlite_site: Site) -> Non
         (workdir / "x").write_text("still here")
     run_launcher(site)
     for task_id, expected in ((literal, HOSTILE), (templated, ["; rm -rf x", "$(id)"])):
-        assert site.task(task_id).state == "RUN_DONE", site.history(task_id)[-1].message
+        assert site.task(task_id).state == "JOB_FINISHED", site.history(task_id)[-1].message
         workdir = site.config.data_dir / site.task(task_id).default_workdir
         assert (workdir / "stdout").read_text().splitlines() == expected
         assert (workdir / "x").read_text() == "still here"

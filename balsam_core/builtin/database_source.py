@@ -5,6 +5,10 @@ transaction that picks the rows: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the
 ``BEGIN IMMEDIATE`` write lock on SQLite — so each runnable task goes to exactly one
 launcher.  State reports are accepted only from the lease holder; a kill is never
 overwritten.
+
+Tasks with nothing to do around their run (:mod:`balsam_core.fastforward`) skip the
+processing worker: a READY one is leased and moved to PREPROCESSED in the lease's
+transaction, and a RUN_DONE report takes it on to JOB_FINISHED in the report's.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import lazyload
+from sqlalchemy import and_, or_, select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -31,16 +35,33 @@ from balsam_core import (
     hookimpl,
     is_allowed,
     models,
+    nothing_to_do,
     render_argv,
+    skip,
     task_environment,
 )
 
-Task, TaskTag, Launcher = models.Task, models.TaskTag, models.Launcher
+Task, TaskTag, Launcher, App = models.Task, models.TaskTag, models.Launcher, models.App
 log = logging.getLogger(__name__)
 
+#: Not yet runnable, but leased (and fast-forwarded) when there is nothing to do first.
+_SKIPPABLE = (State.READY.value, State.STAGED_IN.value)
 
-def requirements(task: models.Task) -> TaskRequirements:
-    """What *task* needs from the allocation (the packing strategies' view of it)."""
+
+#: The columns a lease reads: what a launcher needs to place and start a task.
+LEASE_COLUMNS = (
+    Task.id, Task.name, Task.workflow, Task.workdir, Task.state, Task.state_time,
+    Task.command, Task.parameters, Task.environment, Task.num_nodes, Task.ranks_per_node,
+    Task.threads_per_rank, Task.gpus_per_rank, Task.node_packing_count, Task.wall_time_min,
+    Task.num_retries, Task.post_error_handler, Task.post_timeout_handler,
+    Task.auto_timeout_retry, Task.mpi_flags,
+    App.command.label("app_command"), App.environment.label("app_environment"),
+)
+
+
+def requirements(task: Any) -> TaskRequirements:
+    """What *task* (a Task row, or a row of its columns) needs from the allocation (the
+    packing strategies' view of it)."""
     return TaskRequirements(
         task_id=task.id,
         num_nodes=task.num_nodes,
@@ -53,7 +74,7 @@ def requirements(task: models.Task) -> TaskRequirements:
     )
 
 
-def fitting(tasks: Sequence[models.Task], free: Sequence[NodeResources]) -> list[models.Task]:
+def fitting(tasks: Sequence[Any], free: Sequence[NodeResources]) -> list[Any]:
     """The tasks, in order, that fit into *free* together (first fit on a scratch copy).
 
     The lease query only checks each task against the biggest free node; without this a
@@ -133,9 +154,13 @@ class DatabaseTaskSource:
         max_cpus = max(n.cpus for n in free)
         max_gpus = max(len(n.gpu_ids) for n in free)
         query = (
-            select(Task)
+            select(*LEASE_COLUMNS)
+            .outerjoin(App, App.id == Task.app_id)
             .where(
-                Task.state.in_([st.value for st in RUNNABLE]),
+                or_(
+                    Task.state.in_([st.value for st in RUNNABLE]),
+                    and_(Task.state.in_(_SKIPPABLE), nothing_to_do()),
+                ),
                 or_(Task.lease_launcher_id.is_(None), Task.lease_expires < now),
                 or_(Task.num_nodes == 1, Task.num_nodes <= idle),
                 Task.ranks_per_node * Task.threads_per_rank <= max_cpus,
@@ -143,7 +168,6 @@ class DatabaseTaskSource:
             )
             .order_by(Task.id)
             .limit(limit)
-            .options(lazyload(Task.tag_rows))  # tags are filters here, not needed to run
         )
         info = self._info(launcher_id)
         if info.workflow is not None:
@@ -154,12 +178,17 @@ class DatabaseTaskSource:
                 .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == value)
                 .exists()
             )
-        with self.site.db.session(write=True) as s:
+        with self.site.transaction() as tx:
+            s = tx.session
             if s.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=Task)
-            tasks = fitting(list(s.scalars(query)), free)
+            tasks = fitting(list(s.execute(query)), free)
             if not tasks:
                 return []
+            tx.apply(
+                [c for t in tasks if t.state in _SKIPPABLE for c in skip(t.id, State(t.state))],
+                launcher_id=launcher_id, batch_job_id=info.batch_job_id,
+            )
             s.execute(
                 update(Task)
                 .where(Task.id.in_([t.id for t in tasks]))
@@ -172,19 +201,21 @@ class DatabaseTaskSource:
             )
             return [self._leased(t) for t in tasks]
 
-    def _leased(self, task: models.Task) -> LeasedTask:
-        app = task.app
-        argv = tuple(render_argv(app.command, task.parameters) if app else task.command or ())
-        env = task_environment(app.environment if app else None, task.environment)
+    def _leased(self, task: Any) -> LeasedTask:
+        """A row of ``LEASE_COLUMNS`` as what the launcher runs."""
+        argv = tuple(
+            render_argv(task.app_command, task.parameters) if task.app_command is not None
+            else task.command or ()
+        )
         return LeasedTask(
             task_id=task.id,
             name=task.name,
             workflow=task.workflow,
             argv=argv,
-            workdir=task.workdir or task.default_workdir,
-            env=env,
+            workdir=models.workdir_of(task),
+            env=task_environment(task.app_environment, task.environment),
             requirements=requirements(task),
-            state=State(task.state),
+            state=State.PREPROCESSED if task.state in _SKIPPABLE else State(task.state),
             num_retries=task.num_retries,
             post_error_handler=task.post_error_handler,
             post_timeout_handler=task.post_timeout_handler,
@@ -223,11 +254,17 @@ class DatabaseTaskSource:
                 else:
                     states[u.task_id] = u.state
                     accepted.append(u)
-            tx.apply(
-                accepted,
-                launcher_id=launcher_id,
-                batch_job_id=info.batch_job_id,
-            )
+            tx.apply(accepted, launcher_id=launcher_id, batch_job_id=info.batch_job_id)
+            ran = [u.task_id for u in accepted if u.state is State.RUN_DONE]
+            if ran:  # nothing to postprocess or stage out: finished now
+                done_now = tx.session.scalars(
+                    select(Task.id).outerjoin(App, App.id == Task.app_id)
+                    .where(Task.id.in_(ran), nothing_to_do())
+                )
+                tx.apply(
+                    [c for i in done_now for c in skip(i, State.RUN_DONE)],
+                    launcher_id=launcher_id, batch_job_id=info.batch_job_id,
+                )
             done = [u.task_id for u in accepted if u.state is not State.RUNNING]
             if done:
                 tx.session.execute(

@@ -16,6 +16,8 @@ transient_exit_codes, transient_signals, backoff_s):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from balsam_core import (
     PluginContext,
     RecoveryAction,

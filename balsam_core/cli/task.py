@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ValidationError
-from ..models import Task
+from ..models import Task, workdir_of
 from ..states import END, State
 from .common import Context, echo_json, fmt_time, pass_ctx, parse_pairs, shorten, table
 
@@ -36,7 +36,7 @@ def task_dict(task: Task) -> dict[str, Any]:
     return {
         "id": task.id, "name": task.name, "workflow": task.workflow, "state": task.state,
         "app": task.app.name if task.app else None, "parameters": task.parameters,
-        "command": task.command, "workdir": task.workdir or task.default_workdir,
+        "command": task.command, "workdir": workdir_of(task),
         "num_nodes": task.num_nodes, "ranks_per_node": task.ranks_per_node,
         "threads_per_rank": task.threads_per_rank, "gpus_per_rank": task.gpus_per_rank,
         "node_packing_count": task.node_packing_count, "wall_time_min": task.wall_time_min,

@@ -7,8 +7,8 @@ task (``prctl(PR_SET_PDEATHSIG)`` through ``preexec_fn``, or a ``setpriv`` wrapp
 costs 1.5-2 ms on every start, more than the rest of a start.
 
 Instead the launcher forks one small watchdog.  For every task it writes ``+<pgid>``
-to a pipe when the process starts and ``-<pgid>`` when it is reaped (a few
-microseconds each).  The watchdog sits in a session of its own, ignores SIGTERM and
+to a pipe when the process starts and ``-<pgid>`` when it is reaped, gathered into one
+write per turn of the hot loop (:meth:`DeathWatch.flush`, before it sleeps).  The watchdog sits in a session of its own, ignores SIGTERM and
 SIGINT, and reads; when the pipe reports end-of-file -- the launcher exited, however
 it died -- it SIGKILLs the process groups still listed, then exits.  After a clean
 shutdown the list is empty.
@@ -34,24 +34,33 @@ class DeathWatch:
             _watch(read_end)
         os.close(read_end)
         self._broken = False
+        self._lines: list[bytes] = []
 
     def started(self, pgid: int) -> None:
-        self._send(b"+%d\n" % pgid)
+        self._lines.append(b"+%d\n" % pgid)
 
     def ended(self, pgid: int) -> None:
-        self._send(b"-%d\n" % pgid)
+        self._lines.append(b"-%d\n" % pgid)
+
+    def flush(self) -> None:
+        """Tell the watchdog what started and ended since the last flush."""
+        if self._lines:
+            self._send(b"".join(self._lines))
+            self._lines.clear()
 
     def close(self) -> None:
         """End the watchdog (it kills whatever is still listed) and reap it."""
+        self.flush()
         os.close(self._write_end)
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
 
-    def _send(self, line: bytes) -> None:
+    def _send(self, data: bytes) -> None:
         try:
-            os.write(self._write_end, line)
+            while data:  # a write interrupted by a signal may be partial
+                data = data[os.write(self._write_end, data):]
         except OSError as exc:
             if not self._broken:
                 log.warning("task watchdog gone (%s): tasks may outlive a killed launcher", exc)

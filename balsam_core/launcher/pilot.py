@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import select
 
@@ -45,12 +44,14 @@ from ..plugin_types import (
     StateUpdate,
     TaskSource,
 )
-from ..processing.staging import allowed_roots, inside
+from ..processing.staging import allowed_roots
 from ..site import SITE_ENV
 from ..states import RUNNABLE, State
+from .leasing import Leaser, LeaseResult
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup, disk_full
 from .reporter import DB_RETRY_MAX_S, Reporter
+from .workdirs import Workdirs
 from .worker import ProcessingWorker
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,11 @@ class Launcher:
         self._stop_reason = ""
         self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
         self._base_env[SITE_ENV] = str(site.site_dir)
-        #: Where working directories may lie, symlinks resolved (as for stage-in/out).
-        self._roots = allowed_roots(cfg.site_dir, cfg.data_dir.resolve(), cfg.site.allowed_roots)
+        data_dir = cfg.data_dir.resolve()
+        self.workdirs = Workdirs(
+            data_dir, allowed_roots(cfg.site_dir, data_dir, cfg.site.allowed_roots)
+        )
+        self._site_mpi_flags = tuple(cfg.launcher.mpi_flags)
         #: Epoch seconds until which this launcher's leases are certainly valid.
         self._lease_until = float("inf")
         #: Seconds to the next database retry while it is unreachable (0: reachable).
@@ -171,6 +175,7 @@ class Launcher:
         self._start_processor()  # forks: before any thread starts
         self.procs.guard_orphans()  # forks too: after the worker, which must not hold its pipe
         self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
+        self.leaser = Leaser(self.source, self.launcher_id, self.procs.wake)
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
         next_heartbeat = 0.0  # at once: reclaim what dead launchers left behind
@@ -180,8 +185,9 @@ class Launcher:
         try:
             while not self._stop.is_set():
                 now = time.time()
-                if self.reporter.error is not None:
-                    raise self.reporter.error
+                for error in (self.reporter.error, self.leaser.error):
+                    if error is not None:
+                        raise error
                 for task_id in self.reporter.refused():
                     self.procs.end(task_id, "killed")
                 for task_id in self.procs.overdue(now):
@@ -199,13 +205,13 @@ class Launcher:
                 if self.options.stop_file and os.path.exists(self.options.stop_file):
                     self.stop("stop requested")
                     break
-                room = self._has_room() and now < self._lease_deadline()
-                if room and now >= next_poll and len(self.queue) < self._slots():
-                    leased = self._lease()
-                    next_poll = now + (
-                        0.0 if leased else self._db_backoff or self.options.poll_s
-                    )
+                leased = self.leaser.take()
+                if leased is not None:
+                    next_poll = self._leased(leased, now)
                 updates += self._start_placed(now)
+                room = self._has_room() and now < self._lease_deadline()
+                if room and now >= next_poll and len(self.queue) < self._low_water():
+                    self._request_lease()  # after the starts: it leases for what is free
                 self.reporter.add(updates)
                 updates = []
                 if (
@@ -223,7 +229,7 @@ class Launcher:
                 wake_at = [next_heartbeat]
                 if (len(self.procs) or self.queue) and now < self._lease_deadline():
                     wake_at.append(self._lease_deadline())
-                if room:
+                if room and not self.leaser.busy:  # else woken by the lease's result
                     wake_at.append(next_poll)
                 if self.options.end_time is not None:
                     wake_at.append(self._deadline())
@@ -245,7 +251,11 @@ class Launcher:
         """CPU slots of the allocation: an upper bound of tasks running at once."""
         return sum(n.cpus for n in self.options.nodes)
 
-    def _lease(self) -> int:
+    def _low_water(self) -> int:
+        """Lease more once fewer tasks than this wait in the queue."""
+        return self._slots() + self.options.prefetch // 2
+
+    def _request_lease(self) -> None:
         free = self.pool.free()
         if self.options.prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
@@ -253,17 +263,18 @@ class Launcher:
             copies = -(-self.options.prefetch // self._slots())
             free += [NodeResources(n.name, n.cpus, n.gpu_ids) for n in self.options.nodes] * copies
         limit = self._slots() + self.options.prefetch - len(self.queue)
-        if limit <= 0:
-            return 0
-        try:
-            leased = self.source.lease(self.launcher_id, free, limit)
-        except DatabaseError as exc:
-            self._db_failed("leasing tasks", exc)
-            return 0
+        if limit > 0:
+            self.leaser.request(free, limit)
+
+    def _leased(self, result: LeaseResult, now: float) -> float:
+        """Queue what a lease brought; return when to lease next."""
+        if result.error is not None:
+            self._db_failed("leasing tasks", result.error)
+            return now + self._db_backoff
         self._db_ok()
-        for task in leased:
+        for task in result.tasks:
             self.queue[task.task_id] = task
-        return len(leased)
+        return now if result.tasks else now + self.options.poll_s
 
     def _start_placed(self, now: float) -> list[StateUpdate]:
         if not self.queue:
@@ -282,18 +293,16 @@ class Launcher:
         self, task: LeasedTask, nodes: tuple[str, ...], gpu_ids: tuple[tuple[int, ...], ...]
     ) -> list[StateUpdate]:
         req = task.requirements
-        workdir = self.site.config.data_dir / task.workdir
         env = {**self._base_env, **task.env, TASK_ENV: str(task.task_id)}
         spec = LaunchSpec(
             task_id=task.task_id, argv=task.argv, nodes=nodes,
             ranks_per_node=req.ranks_per_node, threads_per_rank=req.threads_per_rank,
             gpus_per_rank=req.gpus_per_rank, gpu_ids=gpu_ids, env=env,
-            mpi_flags=(*self.site.config.launcher.mpi_flags, *task.mpi_flags),
+            mpi_flags=(*self._site_mpi_flags, *task.mpi_flags),
             export=(*task.env, TASK_ENV, SITE_ENV),
         )
         try:
-            self._check_workdir(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
+            workdir = self.workdirs.prepare(task.workdir)
             command = self.mpi.command(spec)
             wall = req.wall_time_min * 60 if req.wall_time_min > 0 else None
             self.procs.start(task.task_id, command.argv, command.env, workdir, wall)
@@ -316,15 +325,6 @@ class Launcher:
                 task.task_id, State.RUNNING, f"started on {','.join(nodes)}", time=time.time()
             )
         ]
-
-    def _check_workdir(self, workdir: Path) -> None:
-        """Refuse a working directory that a symlink leads out of the allowed roots."""
-        real = workdir.resolve()
-        if not inside(real, self._roots):
-            raise BalsamError(
-                f"working directory {workdir} resolves to {real}, outside the site's data "
-                "directory and [site] allowed_roots"
-            )
 
     def _collect(self, exited: Sequence[Exited]) -> list[StateUpdate]:
         updates = []
@@ -363,7 +363,7 @@ class Launcher:
                     if e.return_code < 0 and -e.return_code in signal.valid_signals()
                     else f"exit code {e.return_code}"
                 )
-                full = disk_full(e.stderr_path.parent)
+                full = disk_full(e.workdir)
                 updates.append(
                     StateUpdate(
                         e.task_id, State.RUN_ERROR, f"{how} after {seconds}" + (
@@ -505,6 +505,7 @@ class Launcher:
         try:
             if self.worker is not None:
                 self.worker.stop()  # ends pre/post steps still running, before leases go
+            self.leaser.close()
             self.reporter.add([*pending, *self._collect(exited)])
             self.reporter.close(timeout=self.site.config.launcher.lease_s)
             try:

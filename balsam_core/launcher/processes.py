@@ -16,11 +16,15 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
+from ..models import STDERR_FILE, STDOUT_FILE
 from .deathwatch import DeathWatch
+
+#: How a task's output files are opened: appended to (a rerun adds to them), created if
+#: missing, never inherited by other children.
+OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Running:
     started: float
     #: Epoch seconds after which the task is out of wall time (None: no limit).
     deadline: float | None
-    stderr_path: Path
+    workdir: str
     pidfd: int
     #: Why the launcher is ending it ("timeout", "killed", "shutdown", "lease lost"), if it is.
     ending: str | None = None
@@ -49,7 +53,7 @@ class Exited:
     started: float
     ended: float
     ending: str | None
-    stderr_path: Path
+    workdir: str
 
 
 class ProcessGroup:
@@ -98,29 +102,30 @@ class ProcessGroup:
         task_id: int,
         argv: Sequence[str],
         env: Mapping[str, str],
-        cwd: Path,
+        cwd: str,
         wall_time_s: float | None,
     ) -> Running:
-        """Start *argv* in *cwd* with stdout/stderr to files there.
+        """Start *argv* in the directory *cwd* with stdout/stderr appended to files there.
 
         Raises OSError (e.g. FileNotFoundError for a missing executable) without
         leaving anything running.
         """
-        stdout = open(cwd / "stdout", "ab")
-        stderr_path = cwd / "stderr"
-        stderr = open(stderr_path, "ab")
-        now = time.time()
+        stdout = os.open(os.path.join(cwd, STDOUT_FILE), OUTPUT_FLAGS, 0o644)
         try:
-            popen = subprocess.Popen(
-                list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-                stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
-            )
+            stderr = os.open(os.path.join(cwd, STDERR_FILE), OUTPUT_FLAGS, 0o644)
+            try:
+                now = time.time()
+                popen = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                    stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
+                )
+            finally:
+                os.close(stderr)
         finally:
-            stdout.close()
-            stderr.close()
+            os.close(stdout)
         pidfd = os.pidfd_open(popen.pid)
         running = Running(
-            task_id, popen, now, now + wall_time_s if wall_time_s else None, stderr_path, pidfd
+            task_id, popen, now, now + wall_time_s if wall_time_s else None, cwd, pidfd
         )
         self._running[task_id] = running
         self._selector.register(pidfd, selectors.EVENT_READ, task_id)
@@ -130,6 +135,8 @@ class ProcessGroup:
 
     def wait(self, timeout: float | None) -> list[Exited]:
         """Sleep until a task exits, :meth:`wake` is called or *timeout* passes; reap."""
+        if self._deathwatch is not None:
+            self._deathwatch.flush()
         deadline = self._next_deadline()
         if deadline is not None:
             until = max(0.0, deadline - time.time())
@@ -156,7 +163,7 @@ class ProcessGroup:
             _kill_leftovers(running)
             exited.append(
                 Exited(task_id, code, running.started, time.time(), running.ending,
-                       running.stderr_path)
+                       running.workdir)
             )
         return exited
 
@@ -225,7 +232,7 @@ class ProcessGroup:
 FULL_BELOW_BYTES = 64 * 1024
 
 
-def disk_full(workdir: Path) -> str:
+def disk_full(workdir: str) -> str:
     """A note for a failed task whose working directory's filesystem is (nearly) full:
     its own error message may not have fitted into its stderr file.  Empty otherwise."""
     try:

@@ -8,9 +8,9 @@ One pass:
    ``BEGIN IMMEDIATE``): tasks in READY, STAGED_IN, RUN_DONE, POSTPROCESSED, RUN_ERROR,
    RUN_TIMEOUT (matching the workflow / tag filters) whose lease is free, expired or ours.
    Tasks with nothing to do are **fast-forwarded in that same transaction**
-   (READY -> STAGED_IN -> PREPROCESSED when there are no input_files, no stage_in and no
-   preprocess step; RUN_DONE -> POSTPROCESSED -> JOB_FINISHED when there is no
-   postprocess step and no stage_out; the DAG rules run in the same ``apply``).  They
+   (:mod:`balsam_core.fastforward`; the DAG rules run in the same ``apply``) -- except,
+   with ``forward_ready=False`` (a launcher's worker), READY and STAGED_IN ones: the
+   task source leases those directly and records their skipped steps itself.  They
    never hold a lease: the row locks of the transaction are the claim.  The others are
    leased to ``owner_id`` for ``[launcher] lease_s``.  Work tasks are claimed only up to
    ``max_inflight`` minus what is already in flight, so one processor never hoards work
@@ -55,29 +55,19 @@ from typing import Any
 from sqlalchemy import and_, not_, or_, select, update
 
 from ..api import TASK_ENV, Site, filter_tasks
-from ..models import App, Task
+from ..fastforward import nothing_to_do, skip
+from ..models import STDERR_FILE, STDOUT_FILE, App, Task
 from ..plugin_types import RecoveryPolicy
 from ..site import SITE_ENV
 from ..states import State
 from ..transitions import Change, chunks
 from .items import _FORWARD, _RECOVER, S, _exc, _Item, _one_line, _Outcome, _StepFailed
-from .queries import _held, _item, _parent_dirs, _set_lease, _trivial_sql
+from .queries import _held, _item, _parent_dirs, _set_lease
 from .recovery import _Recovery, site_policies
 from .staging import _Staging, allowed_roots
 from .steps import ERROR_ENV, TIMEOUT_ENV, _kill_group, _Steps
 
 log = logging.getLogger(__name__)
-
-_FAST_FORWARD: Mapping[State, tuple[tuple[State, str], ...]] = {
-    S.READY: ((S.STAGED_IN, "nothing to stage in"), (S.PREPROCESSED, "no preprocess step")),
-    S.STAGED_IN: ((S.PREPROCESSED, "no preprocess step"),),
-    S.RUN_DONE: (
-        (S.POSTPROCESSED, "no postprocess step"), (S.JOB_FINISHED, "nothing to stage out")
-    ),
-    S.POSTPROCESSED: ((S.JOB_FINISHED, "nothing to stage out"),),
-}
-
-
 
 class TransitionProcessor(_Recovery, _Steps, _Staging):
     """Moves tasks through stage-in, pre/postprocess, stage-out and recovery (see module doc).
@@ -99,6 +89,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         workers: int = 4,
         max_inflight: int | None = None,
         step_timeout_s: float = 600.0,
+        forward_ready: bool = True,
     ) -> None:
         if batch < 1 or workers < 1:
             raise ValueError("batch and workers must be >= 1")
@@ -110,6 +101,10 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         self.workers = workers
         self.max_inflight = max_inflight if max_inflight is not None else 4 * workers
         self.step_timeout_s = step_timeout_s
+        #: States whose tasks with nothing to do this processor fast-forwards.
+        self._forwarded = [
+            s.value for s in _FORWARD if forward_ready or s not in (S.READY, S.STAGED_IN)
+        ]
         config = site.config
         self.lease_s = config.launcher.lease_s
         self.data_dir = config.data_dir.resolve()
@@ -229,7 +224,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
                 probe = filter_tasks(probe, workflow=self.workflow, tags=self.tags)
                 if s.execute(probe).first() is None:
                     return [], [], {}
-        trivial_sql = _trivial_sql()
+        trivial_sql = nothing_to_do()
         room = max(0, self.max_inflight - len(self._inflight))
         with self.site.transaction() as tx:
             pg = tx.session.get_bind().dialect.name == "postgresql"
@@ -237,7 +232,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
                 self._query(
                     claimable,
                     or_(
-                        and_(Task.state.in_([s.value for s in _FORWARD]), trivial_sql),
+                        and_(Task.state.in_(self._forwarded), trivial_sql),
                         Task.state.in_([s.value for s in _RECOVER]),
                     ),
                     limit=self.batch,
@@ -269,7 +264,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
                 if item.state in _RECOVER:
                     recover.append(item)
                 elif item.trivial():
-                    changes += [Change(item.id, st, msg) for st, msg in _FAST_FORWARD[item.state]]
+                    changes += skip(item.id, item.state)
                     if item.leased:
                         trivial_leased.append(item.id)
                     if item.state is S.READY:
@@ -289,6 +284,8 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         moved |= {e.task_id for e in tx.events}
         for directory in new_dirs:  # here rather than in the launcher's hot loop
             directory.mkdir(parents=True, exist_ok=True)
+            for name in (STDOUT_FILE, STDERR_FILE):
+                os.close(os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
         return recover, work, parents
 
     # ------------------------------------------------------------------ harvest

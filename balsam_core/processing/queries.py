@@ -1,42 +1,18 @@
-"""The SQL the processor runs: claimed rows as :class:`_Item`, which claimed tasks are
-trivial, lease updates, the leases still held, and the parents' working directories."""
+"""The SQL the processor runs: claimed rows as :class:`_Item`, lease updates, the leases
+still held, and the parents' working directories."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Text, and_, or_, select, type_coerce, update
+from sqlalchemy import select, update
 
-from ..models import App, Task, TaskDependency
+from ..models import Task, TaskDependency, workdir_of
 from ..states import State
 from ..taskspec import task_environment
 from ..transitions import chunks
-from .items import S, _Item
-
-
-def _workdir_of(row: Any) -> str:
-    """A task row's working directory relative to data/ (its own or the default)."""
-    return row.workdir or Task.default_workdir.fget(row)  # type: ignore[attr-defined]
-
-
-@functools.lru_cache(maxsize=1)
-def _trivial_sql() -> Any:
-    """SQL twin of :meth:`_Item.trivial` (JSON columns hold ``'[]'`` when empty)."""
-
-    def empty(col: Any) -> Any:
-        return or_(col.is_(None), type_coerce(col, Text) == "[]")
-
-    return or_(
-        and_(
-            Task.state == S.READY.value, empty(Task.input_files), empty(Task.stage_in),
-            App.preprocess.is_(None),
-        ),
-        and_(Task.state == S.STAGED_IN.value, App.preprocess.is_(None)),
-        and_(Task.state == S.RUN_DONE.value, App.postprocess.is_(None), empty(Task.stage_out)),
-        and_(Task.state == S.POSTPROCESSED.value, empty(Task.stage_out)),
-    )
+from .items import _Item
 
 
 def _item(row: Any) -> _Item:
@@ -45,7 +21,7 @@ def _item(row: Any) -> _Item:
         id=row.id,
         state=State(row.state),
         state_time=row.state_time,
-        workdir=_workdir_of(row),
+        workdir=workdir_of(row),
         return_code=row.return_code,
         num_retries=row.num_retries,
         max_retries=row.max_retries,
@@ -97,6 +73,6 @@ def _parent_dirs(session: Any, child_ids: Sequence[int]) -> dict[int, list[tuple
             .order_by(TaskDependency.child_id, Task.id)
         )
         for row in rows:
-            rel = _workdir_of(row)
+            rel = workdir_of(row)
             result.setdefault(row.child_id, []).append((row.id, rel))
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import bindparam, update
 
 from ..api import Site
-from ..models import Task
+from ..models import STDERR_FILE, Task
 from ..plugin_types import RecoveryAction, RecoveryDecision, RecoveryPolicy, TaskFailure
 from ..recovery import decide_chain
 from ..transitions import Change, chunks
@@ -63,7 +63,7 @@ class _Recovery:
             post_timeout_handler=item.post_timeout_handler,
             auto_timeout_retry=item.auto_timeout_retry,
             has_postprocess=bool(item.postprocess),
-            stderr_tail=_tail_text(self.data_dir / item.workdir / "stderr", STDERR_TAIL_BYTES),
+            stderr_tail=_tail_text(self.data_dir / item.workdir / STDERR_FILE, STDERR_TAIL_BYTES),
             now=now,
         )
         decision = decide_chain(self.policies, failure)

@@ -1,0 +1,58 @@
+"""The transitions a task with nothing to do in its state skips at once.
+
+A task whose app has no preprocess step and which names no ``input_files`` and no
+``stage_in`` goes READY -> STAGED_IN -> PREPROCESSED without any file or process work;
+one with no postprocess step and no ``stage_out`` goes RUN_DONE -> POSTPROCESSED ->
+JOB_FINISHED.  Whoever touches such a task next records these steps, in bulk, in its
+own transaction: the processing worker when it claims tasks, the ``database`` task
+source when it leases them or records their runs.  Provenance stays complete: every
+step skipped is a TaskEvent with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Text, and_, or_, type_coerce
+
+from .models import App, Task
+from .states import State
+from .transitions import Change
+
+S = State
+
+#: From a state with nothing to do: the states passed through, with the reason of each.
+FAST_FORWARD: Mapping[State, tuple[tuple[State, str], ...]] = {
+    S.READY: ((S.STAGED_IN, "nothing to stage in"), (S.PREPROCESSED, "no preprocess step")),
+    S.STAGED_IN: ((S.PREPROCESSED, "no preprocess step"),),
+    S.RUN_DONE: (
+        (S.POSTPROCESSED, "no postprocess step"), (S.JOB_FINISHED, "nothing to stage out")
+    ),
+    S.POSTPROCESSED: ((S.JOB_FINISHED, "nothing to stage out"),),
+}
+
+
+def skip(task_id: int, state: State) -> list[Change]:
+    """The changes that take *task_id*, in *state* with nothing to do, past it."""
+    return [Change(task_id, to, reason) for to, reason in FAST_FORWARD[state]]
+
+
+@functools.lru_cache(maxsize=1)
+def nothing_to_do() -> Any:
+    """SQL: the task has nothing to do in its state (a query joining Task with its App;
+    JSON list columns hold ``'[]'`` when empty)."""
+
+    def empty(col: Any) -> Any:
+        return or_(col.is_(None), type_coerce(col, Text) == "[]")
+
+    return or_(
+        and_(
+            Task.state == S.READY.value, empty(Task.input_files), empty(Task.stage_in),
+            App.preprocess.is_(None),
+        ),
+        and_(Task.state == S.STAGED_IN.value, App.preprocess.is_(None)),
+        and_(Task.state == S.RUN_DONE.value, App.postprocess.is_(None), empty(Task.stage_out)),
+        and_(Task.state == S.POSTPROCESSED.value, empty(Task.stage_out)),
+    )

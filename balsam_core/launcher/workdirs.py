@@ -1,0 +1,59 @@
+"""Task working directories on the launcher's hot path: made if missing, kept inside
+the allowed roots, at the cost of one ``lstat`` for a directory already made.
+
+A task's directory is ``<data>/<workdir>``; usually the processing worker made it
+already.  Its parent (``<data>/<workflow>`` for the default layout) is resolved once per
+launcher and remembered; the directory itself is resolved only when it is a symlink.
+(A parent turned into a symlink after it was checked is not noticed: the site's data
+directory belongs to the site's owner, and this check is against task specs that point
+outside it, not against the owner racing their own launcher.)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import BalsamError
+from ..processing.staging import inside
+
+
+class Workdirs:
+    """Makes and checks working directories below *data_dir* (see the module docstring)."""
+
+    def __init__(self, data_dir: Path, roots: Sequence[Path]) -> None:
+        self._data_dir = str(data_dir)
+        self._roots = tuple(roots)
+        self._checked_parents: set[str] = set()
+
+    def prepare(self, workdir: str) -> str:
+        """The absolute path of *workdir* (relative to the data directory), which exists
+        when this returns.  Raises :class:`BalsamError` for one outside the allowed roots
+        (nothing is created then), OSError if it cannot be made."""
+        path = os.path.join(self._data_dir, workdir)
+        parent = os.path.dirname(path)
+        if parent not in self._checked_parents:
+            self._check(parent, path)
+            os.makedirs(parent, exist_ok=True)
+            self._checked_parents.add(parent)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:  # made meanwhile by the processing worker
+                mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            self._check(path, path)
+        return path
+
+    def _check(self, path: str, workdir: str) -> None:
+        """Refuse *workdir* if *path* (itself or its parent) resolves outside the roots."""
+        if not inside(Path(os.path.realpath(path)), self._roots):
+            raise BalsamError(
+                f"working directory {workdir} resolves to {os.path.realpath(workdir)}, "
+                "outside the site's data directory and [site] allowed_roots"
+            )
