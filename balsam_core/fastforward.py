@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Text, and_, or_, type_coerce
 
 from .models import App, Task
-from .states import State
+from .states import RUNNABLE, State
 from .transitions import Change
 
 S = State
@@ -55,4 +55,15 @@ def nothing_to_do() -> Any:
         and_(Task.state == S.STAGED_IN.value, App.preprocess.is_(None)),
         and_(Task.state == S.RUN_DONE.value, App.postprocess.is_(None), empty(Task.stage_out)),
         and_(Task.state == S.POSTPROCESSED.value, empty(Task.stage_out)),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def leasable() -> Any:
+    """SQL: the task may be leased to run -- it is runnable, or READY / STAGED_IN with
+    nothing to do before its run (a query joining Task with its App)."""
+    before_run = [S.READY.value, S.STAGED_IN.value]
+    return or_(
+        Task.state.in_([s.value for s in RUNNABLE]),
+        and_(Task.state.in_(before_run), nothing_to_do()),
     )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -34,6 +34,7 @@ from balsam_core import (
     TaskSourcePlugin,
     hookimpl,
     is_allowed,
+    leasable,
     models,
     nothing_to_do,
     render_argv,
@@ -44,8 +45,7 @@ from balsam_core import (
 Task, TaskTag, Launcher, App = models.Task, models.TaskTag, models.Launcher, models.App
 log = logging.getLogger(__name__)
 
-#: Not yet runnable, but leased (and fast-forwarded) when there is nothing to do first.
-_SKIPPABLE = (State.READY.value, State.STAGED_IN.value)
+_RUNNABLE = frozenset(s.value for s in RUNNABLE)
 
 
 #: The columns a lease reads: what a launcher needs to place and start a task.
@@ -157,10 +157,7 @@ class DatabaseTaskSource:
             select(*LEASE_COLUMNS)
             .outerjoin(App, App.id == Task.app_id)
             .where(
-                or_(
-                    Task.state.in_([st.value for st in RUNNABLE]),
-                    and_(Task.state.in_(_SKIPPABLE), nothing_to_do()),
-                ),
+                leasable(),
                 or_(Task.lease_launcher_id.is_(None), Task.lease_expires < now),
                 or_(Task.num_nodes == 1, Task.num_nodes <= idle),
                 Task.ranks_per_node * Task.threads_per_rank <= max_cpus,
@@ -186,7 +183,7 @@ class DatabaseTaskSource:
             if not tasks:
                 return []
             tx.apply(
-                [c for t in tasks if t.state in _SKIPPABLE for c in skip(t.id, State(t.state))],
+                [c for t in tasks if t.state not in _RUNNABLE for c in skip(t.id, State(t.state))],
                 launcher_id=launcher_id, batch_job_id=info.batch_job_id,
             )
             s.execute(
@@ -215,7 +212,7 @@ class DatabaseTaskSource:
             workdir=models.workdir_of(task),
             env=task_environment(task.app_environment, task.environment),
             requirements=requirements(task),
-            state=State.PREPROCESSED if task.state in _SKIPPABLE else State(task.state),
+            state=State(task.state) if task.state in _RUNNABLE else State.PREPROCESSED,
             num_retries=task.num_retries,
             post_error_handler=task.post_error_handler,
             post_timeout_handler=task.post_timeout_handler,

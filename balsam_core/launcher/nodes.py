@@ -26,6 +26,7 @@ class NodePool:
             raise ValueError("an allocation needs at least one node")
         self._nodes = {n.name: _Node(n) for n in nodes}
         self._held: dict[int, tuple[Placement, TaskRequirements]] = {}
+        self._free: list[NodeResources] | None = None  # until the next take or release
 
     @property
     def nodes(self) -> list[NodeSpec]:
@@ -33,6 +34,15 @@ class NodePool:
 
     def free(self) -> list[NodeResources]:
         """Every node with what is left on it (busy nodes too, with nothing free)."""
+        if self._free is None:
+            self._free = self._compute_free()
+        return list(self._free)
+
+    def has_room(self) -> bool:
+        """Is any CPU free on a node not fully shared out?"""
+        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self.free())
+
+    def _compute_free(self) -> list[NodeResources]:
         return [
             NodeResources(
                 name=n.spec.name,
@@ -63,6 +73,7 @@ class NodePool:
             node.share += req.node_fraction
             node.gpus |= set(gpus)
         self._held[placement.task_id] = (placement, req)
+        self._free = None
 
     def release(self, task_id: int) -> None:
         """Give back what *task_id* held (no-op if it held nothing)."""
@@ -70,6 +81,7 @@ class NodePool:
         if held is None:
             return
         placement, req = held
+        self._free = None
         gpu_ids = placement.gpu_ids or tuple(() for _ in placement.nodes)
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]

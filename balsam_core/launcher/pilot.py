@@ -3,10 +3,11 @@
 The loop sleeps only in :meth:`ProcessGroup.wait`, which returns as soon as a task
 exits, a wall-time or kill deadline passes, a signal arrives, or the processing
 thread makes tasks runnable; a freed slot is refilled from the tasks leased ahead
-(``prefetch``) in the same tick, without a database round trip.  State changes go to
-the :class:`~balsam_core.launcher.reporter.Reporter`, which writes them in batches,
-one transaction each; pre/post-processing runs in a worker thread
-(:mod:`balsam_core.processing`).
+(``prefetch``) in the same tick, without a database round trip.  The loop never waits
+on the database: leases are taken by the :class:`~balsam_core.launcher.leasing.Leaser`
+thread, state changes go to the :class:`~balsam_core.launcher.reporter.Reporter`
+thread, which writes them in batches, one transaction each; pre/post-processing runs
+in a worker process (:mod:`balsam_core.launcher.worker`).
 
 Faults.  With its heartbeat the loop also reclaims the tasks of launchers that died
 (``TaskSource.expire_leases``).  When the database cannot be reached, running tasks
@@ -28,11 +29,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import not_, select
 
 from ..api import Site, filter_tasks
 from ..errors import BalsamError, DatabaseError
-from ..models import Task
+from ..fastforward import leasable, nothing_to_do
+from ..models import App, Task
 from ..plugin_types import (
     LauncherInfo,
     LaunchSpec,
@@ -46,7 +48,7 @@ from ..plugin_types import (
 )
 from ..processing.staging import allowed_roots
 from ..site import SITE_ENV
-from ..states import RUNNABLE, State
+from ..states import State
 from .leasing import Leaser, LeaseResult
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup, disk_full
@@ -82,7 +84,7 @@ class LauncherOptions:
     poll_s: float = 0.2
     #: SIGTERM-to-SIGKILL grace when ending a task.
     grace_s: float = 5.0
-    #: How long the reporter gathers updates before writing them in one transaction.
+    #: Least time between two of the reporter's transactions (updates gather meanwhile).
     flush_s: float = 0.1
     #: Pause between processing passes while there is work: larger batches, and the
     #: hot loop keeps the interpreter to itself in between.
@@ -209,7 +211,7 @@ class Launcher:
                 if leased is not None:
                     next_poll = self._leased(leased, now)
                 updates += self._start_placed(now)
-                room = self._has_room() and now < self._lease_deadline()
+                room = self.pool.has_room() and now < self._lease_deadline()
                 if room and now >= next_poll and len(self.queue) < self._low_water():
                     self._request_lease()  # after the starts: it leases for what is free
                 self.reporter.add(updates)
@@ -244,9 +246,6 @@ class Launcher:
 
     # ------------------------------------------------------------------ steps
 
-    def _has_room(self) -> bool:
-        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self.pool.free())
-
     def _slots(self) -> int:
         """CPU slots of the allocation: an upper bound of tasks running at once."""
         return sum(n.cpus for n in self.options.nodes)
@@ -277,7 +276,7 @@ class Launcher:
         return now if result.tasks else now + self.options.poll_s
 
     def _start_placed(self, now: float) -> list[StateUpdate]:
-        if not self.queue:
+        if not self.queue or not self.pool.has_room():
             return []
         if self.options.end_time is not None:
             self._drop_unfinishable(now)
@@ -450,18 +449,21 @@ class Launcher:
     def _work_coming(self) -> bool:
         """Are tasks this launcher could run being prepared (stage-in, preprocess)?"""
         query = filter_tasks(
-            select(Task.id), state=[State.READY, State.STAGED_IN], workflow=self.options.workflow,
+            select(Task.id).outerjoin(App, App.id == Task.app_id),
+            state=[State.READY, State.STAGED_IN], workflow=self.options.workflow,
             tags=dict(self.options.tags) or None,
-        ).where(Task.num_nodes <= len(self.options.nodes))
+        ).where(Task.num_nodes <= len(self.options.nodes), not_(nothing_to_do()))
         with self.site.db.session() as s:
             return s.scalars(query.limit(1)).first() is not None
 
     def _warn_unrunnable(self) -> None:
         """Say which runnable tasks were left because they never fit this allocation."""
         query = filter_tasks(
-            select(Task), state=sorted(RUNNABLE), workflow=self.options.workflow,
-            tags=dict(self.options.tags) or None,
-        ).where(Task.lease_launcher_id.is_(None))
+            select(Task).outerjoin(App, App.id == Task.app_id),
+            workflow=self.options.workflow, tags=dict(self.options.tags) or None,
+        ).where(
+            Task.lease_launcher_id.is_(None), leasable()
+        )
         with self.site.db.session() as s:
             left = list(s.scalars(query.order_by(Task.id).limit(3)))
         if left:

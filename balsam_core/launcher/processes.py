@@ -2,7 +2,7 @@
 
 Each task runs in its own session (so its process group holds everything it forks,
 unless a descendant makes a session of its own, which psutil still finds by
-ancestry).  Exits are watched through Linux pidfds in a selector, together with a
+ancestry).  Exits are watched through Linux pidfds in an epoll set, together with a
 wake-up pipe: the launcher sleeps until a child exits, a deadline passes, or another
 thread (or a signal handler) pokes it — never in fixed sleeps.
 """
@@ -10,7 +10,7 @@ thread (or a signal handler) pokes it — never in fixed sleeps.
 from __future__ import annotations
 
 import os
-import selectors
+import select
 import signal
 import subprocess
 import time
@@ -63,11 +63,15 @@ class ProcessGroup:
         self.grace_s = grace_s
         self._running: dict[int, Running] = {}
         self._deathwatch: DeathWatch | None = None
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        #: pidfd -> task id, for the tasks' pidfds in the epoll set.
+        self._pidfds: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        #: Every task's stdin (opened once: the hot loop starts many tasks).
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def guard_orphans(self) -> None:
         """Fork the watchdog that kills running tasks if this process dies uncleanly.
@@ -79,7 +83,7 @@ class ProcessGroup:
 
     def watch(self, fd: int) -> None:
         """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it)."""
-        self._selector.register(fd, selectors.EVENT_READ, "watch")
+        self._epoll.register(fd, select.EPOLLIN)
 
     def wake(self) -> None:
         try:
@@ -116,7 +120,7 @@ class ProcessGroup:
             try:
                 now = time.time()
                 popen = subprocess.Popen(
-                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                    argv, cwd=cwd, env=env, stdin=self._devnull,
                     stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
                 )
             finally:
@@ -128,7 +132,8 @@ class ProcessGroup:
             task_id, popen, now, now + wall_time_s if wall_time_s else None, cwd, pidfd
         )
         self._running[task_id] = running
-        self._selector.register(pidfd, selectors.EVENT_READ, task_id)
+        self._pidfds[pidfd] = task_id
+        self._epoll.register(pidfd, select.EPOLLIN)
         if self._deathwatch is not None:
             self._deathwatch.started(popen.pid)  # its session id = its process group
         return running
@@ -141,21 +146,26 @@ class ProcessGroup:
         if deadline is not None:
             until = max(0.0, deadline - time.time())
             timeout = until if timeout is None else min(timeout, until)
-        events = self._selector.select(timeout)
-        for key, _ in events:
-            if key.data is None:  # the wake-up pipe: empty it
+        exits = []
+        for fd, _ in self._epoll.poll(-1 if timeout is None else timeout):
+            task_id = self._pidfds.get(fd)
+            if task_id is not None:
+                exits.append(task_id)
+            elif fd == self._wake_r:  # empty it
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
         self._escalate()
-        return self.reap()
+        return self.reap(exits)
 
-    def reap(self) -> list[Exited]:
-        """Collect every task process that has ended (without blocking)."""
+    def reap(self, task_ids: Sequence[int] | None = None) -> list[Exited]:
+        """Collect the task processes (of *task_ids*, default all) that have ended,
+        without blocking."""
         exited = []
-        for task_id, running in list(self._running.items()):
+        for task_id in list(self._running) if task_ids is None else task_ids:
+            running = self._running[task_id]
             code = running.popen.poll()
             if code is None:
                 continue
@@ -215,7 +225,8 @@ class ProcessGroup:
 
     def _forget(self, running: Running) -> None:
         self._running.pop(running.task_id, None)
-        self._selector.unregister(running.pidfd)
+        del self._pidfds[running.pidfd]
+        self._epoll.unregister(running.pidfd)
         os.close(running.pidfd)
         if self._deathwatch is not None:
             self._deathwatch.ended(running.popen.pid)
@@ -223,9 +234,9 @@ class ProcessGroup:
     def close(self) -> None:
         if self._deathwatch is not None:
             self._deathwatch.close()
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w, self._devnull):
+            os.close(fd)
 
 
 #: A task's filesystem with less free space than this counts as full (see :func:`disk_full`).

@@ -17,14 +17,14 @@ DB_RETRY_MAX_S = 2.0
 
 
 class Reporter:
-    """Writes state updates from a background thread, one transaction per flush.
+    """Writes state updates from a background thread, one transaction per flush, at most
+    one flush per ``flush_s``.
 
     The hot loop only appends; ids the task source refuses (killed, lease lost) come
     back through :meth:`refused` and wake the loop.  While the database is unreachable
     updates are kept, in order, and written once it answers again (retried with
     backoff up to ``DB_RETRY_MAX_S``); only :meth:`close` with a timeout gives up on them.
     """
-
 
     def __init__(
         self, source: TaskSource, launcher_id: int, wake: Callable[[], None], flush_s: float
@@ -52,11 +52,16 @@ class Reporter:
         return ids
 
     def _run(self) -> None:
+        last_flush = 0.0
         while True:
             self._has_work.wait()
-            if not self._closing:
-                time.sleep(self.flush_s)  # gather what else finishes meanwhile
+            # At most one write per flush_s: updates arriving meanwhile join the batch.
+            # The first after a quiet spell is written at once.
+            pause = last_flush + self.flush_s - time.monotonic()
+            if pause > 0 and not self._closing:
+                time.sleep(pause)
             self._has_work.clear()
+            last_flush = time.monotonic()
             self._flush()
             if self._closing and not self._pending:
                 return
