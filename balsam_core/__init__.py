@@ -82,7 +82,7 @@ from .mpi_support import (
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
-    from .fastforward import FAST_FORWARD, leasable, nothing_to_do, skip
+    from .fastforward import FAST_FORWARD, leasable, nothing_after_run, nothing_to_do, skip
     from .transitions import Change
 
 #: Names imported on first use: they pull in SQLAlchemy, which plugins that only
@@ -93,6 +93,7 @@ _LAZY = {
     "models": ("models", None),
     "FAST_FORWARD": ("fastforward", "FAST_FORWARD"),
     "nothing_to_do": ("fastforward", "nothing_to_do"),
+    "nothing_after_run": ("fastforward", "nothing_after_run"),
     "leasable": ("fastforward", "leasable"),
     "skip": ("fastforward", "skip"),
 }
@@ -161,6 +162,7 @@ __all__ = [
     "hookimpl",
     "leasable",
     "models",
+    "nothing_after_run",
     "nothing_to_do",
     "skip",
     "render_argv",

@@ -39,22 +39,29 @@ def skip(task_id: int, state: State) -> list[Change]:
     return [Change(task_id, to, reason) for to, reason in FAST_FORWARD[state]]
 
 
+def _empty(col: Any) -> Any:
+    """SQL: a JSON list column is empty (NULL or ``'[]'``)."""
+    return or_(col.is_(None), type_coerce(col, Text) == "[]")
+
+
+@functools.lru_cache(maxsize=1)
+def nothing_after_run() -> Any:
+    """SQL: no postprocess step and nothing to stage out (a query joining Task with its
+    App): a clean run of the task is its end."""
+    return and_(App.postprocess.is_(None), _empty(Task.stage_out))
+
+
 @functools.lru_cache(maxsize=1)
 def nothing_to_do() -> Any:
-    """SQL: the task has nothing to do in its state (a query joining Task with its App;
-    JSON list columns hold ``'[]'`` when empty)."""
-
-    def empty(col: Any) -> Any:
-        return or_(col.is_(None), type_coerce(col, Text) == "[]")
-
+    """SQL: the task has nothing to do in its state (a query joining Task with its App)."""
     return or_(
         and_(
-            Task.state == S.READY.value, empty(Task.input_files), empty(Task.stage_in),
+            Task.state == S.READY.value, _empty(Task.input_files), _empty(Task.stage_in),
             App.preprocess.is_(None),
         ),
         and_(Task.state == S.STAGED_IN.value, App.preprocess.is_(None)),
-        and_(Task.state == S.RUN_DONE.value, App.postprocess.is_(None), empty(Task.stage_out)),
-        and_(Task.state == S.POSTPROCESSED.value, empty(Task.stage_out)),
+        and_(Task.state == S.RUN_DONE.value, nothing_after_run()),
+        and_(Task.state == S.POSTPROCESSED.value, _empty(Task.stage_out)),
     )
 
 

@@ -2,7 +2,8 @@
 
 :func:`apply` moves many tasks in a handful of statements: one read of the current
 states (row-locked on PostgreSQL; SQLite callers hold the write lock), one UPDATE per
-distinct ``from -> to`` pair, one multi-row INSERT of TaskEvents — all in the
+distinct ``from -> to`` pair (a task walked through several states is written once),
+one multi-row INSERT of TaskEvents — all in the
 caller's transaction, so a state and its event are never written apart.  It then
 applies the DAG rules of DESIGN §5: children whose parents all finished become
 READY; dependants of a FAILED parent fail; dependants of a killed parent are killed.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -57,26 +58,45 @@ def apply(
     batch_job_id: int | None = None,
     now: float | None = None,
     skip_killed: bool = True,
+    states: Mapping[int, State] | None = None,
 ) -> list[TransitionEvent]:
     """Apply *changes* and the DAG rules they trigger; return the recorded events.
 
-    Raises :class:`~balsam_core.states.InvalidTransition` (nothing written: the caller's
-    transaction rolls back) for a move the state table forbids, and
-    :class:`~balsam_core.errors.NotFound` for an unknown task.  A change to a task that
-    is already USER_KILLED is dropped when *skip_killed*: a kill is never overwritten.
+    Changes are taken in order, so a batch may walk a task through several states; each
+    step is checked and becomes an event, but each task's row is written once, with the
+    state it ends in.  Raises :class:`~balsam_core.states.InvalidTransition` (nothing
+    written: the caller's transaction rolls back) for a move the state table forbids,
+    and :class:`~balsam_core.errors.NotFound` for an unknown task.  A change to a task
+    that is already USER_KILLED is dropped when *skip_killed*: a kill is never
+    overwritten.  *states*: the tasks' current states, when the caller has just read
+    them in this transaction (row-locked on PostgreSQL); read here otherwise.
     """
     now = time.time() if now is None else now
+    initial = (
+        dict(states) if states is not None
+        else current_states(session, [c.task_id for c in changes])
+    )
+    states = dict(initial)
     events: list[TransitionEvent] = []
-    pending = list(changes)
-    while pending:
-        # One change per task per round: a batch may walk a task through several states.
-        seen: set[int] = set()
-        this_round, pending_next = [], []
-        for change in pending:
-            (pending_next if change.task_id in seen else this_round).append(change)
-            seen.add(change.task_id)
-        events += _apply_round(session, this_round, launcher_id, batch_job_id, now, skip_killed)
-        pending = pending_next
+    codes: dict[int, int] = {}
+    for change in changes:
+        src = states.get(change.task_id)
+        if src is None:
+            raise NotFound(f"no task with id {change.task_id}")
+        if src is State.USER_KILLED and skip_killed:
+            continue
+        check_transition(src, change.state, change.task_id)
+        states[change.task_id] = change.state
+        events.append(
+            TransitionEvent(
+                change.task_id, src, change.state, change.time or now, change.message,
+                launcher_id,
+            )
+        )
+        if change.return_code is not None:
+            codes[change.task_id] = change.return_code
+    _write(session, initial, states, {e.task_id for e in events}, codes, now)
+    record_events(session, events, batch_job_id)
     cascade = _dag_rules(session, events)
     if cascade:
         events += apply(
@@ -85,26 +105,18 @@ def apply(
     return events
 
 
-def _apply_round(
+def _write(
     session: Session,
-    changes: Sequence[Change],
-    launcher_id: int | None,
-    batch_job_id: int | None,
+    initial: dict[int, State],
+    final: dict[int, State],
+    moved: set[int],
+    codes: dict[int, int],
     now: float,
-    skip_killed: bool,
-) -> list[TransitionEvent]:
-    states = current_states(session, [c.task_id for c in changes])
+) -> None:
+    """One UPDATE per (initial, final) state pair of the *moved* tasks, one for codes."""
     groups: dict[tuple[State, State], list[int]] = defaultdict(list)
-    accepted: list[tuple[Change, State]] = []
-    for change in changes:
-        src = states.get(change.task_id)
-        if src is None:
-            raise NotFound(f"no task with id {change.task_id}")
-        if src is State.USER_KILLED and skip_killed:
-            continue
-        check_transition(src, change.state, change.task_id)
-        groups[(src, change.state)].append(change.task_id)
-        accepted.append((change, src))
+    for task_id in sorted(moved):
+        groups[(initial[task_id], final[task_id])].append(task_id)
     for (src, dst), ids in groups.items():
         for part in chunks(ids):
             result = session.execute(
@@ -115,22 +127,13 @@ def _apply_round(
             )
             if result.rowcount != len(part):  # pragma: no cover - guarded by row locks
                 raise RuntimeError(f"concurrent state change on tasks {list(part)[:10]}")
-    codes = [
-        {"b_id": c.task_id, "b_rc": c.return_code} for c, _ in accepted if c.return_code is not None
-    ]
     if codes:
         session.execute(
             update(Task.__table__)
             .where(Task.__table__.c.id == bindparam("b_id"))
             .values(return_code=bindparam("b_rc")),
-            codes,
+            [{"b_id": i, "b_rc": rc} for i, rc in codes.items()],
         )
-    events = [
-        TransitionEvent(c.task_id, src, c.state, c.time or now, c.message, launcher_id)
-        for c, src in accepted
-    ]
-    record_events(session, events, batch_job_id)
-    return events
 
 
 def record_events(

@@ -36,7 +36,7 @@ from balsam_core import (
     is_allowed,
     leasable,
     models,
-    nothing_to_do,
+    nothing_after_run,
     render_argv,
     skip,
     task_environment,
@@ -185,6 +185,7 @@ class DatabaseTaskSource:
             tx.apply(
                 [c for t in tasks if t.state not in _RUNNABLE for c in skip(t.id, State(t.state))],
                 launcher_id=launcher_id, batch_job_id=info.batch_job_id,
+                states={t.id: State(t.state) for t in tasks},
             )
             s.execute(
                 update(Task)
@@ -228,14 +229,22 @@ class DatabaseTaskSource:
         ids = sorted({u.task_id for u in updates})
         info = self._info(launcher_id)
         with self.site.transaction() as tx:
-            query = select(Task.id, Task.state).where(
-                Task.id.in_(ids), Task.lease_launcher_id == launcher_id
+            query = (
+                select(Task.id, Task.state, nothing_after_run())
+                .outerjoin(App, App.id == Task.app_id)
+                .where(Task.id.in_(ids), Task.lease_launcher_id == launcher_id)
             )
             if tx.session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update()
-            states = {i: State(s) for i, s in tx.session.execute(query)}
+                query = query.with_for_update(of=Task)
+            states: dict[int, State] = {}
+            clean_end: set[int] = set()  # a clean run of these is their end
+            for task_id, state, clean in tx.session.execute(query):
+                states[task_id] = State(state)
+                if clean:
+                    clean_end.add(task_id)
+            before = dict(states)
             refused: set[int] = set()
-            accepted: list[StateUpdate] = []
+            changes: list[StateUpdate] = []  # the accepted ones, and the steps they skip
             for u in updates:
                 current = states.get(u.task_id)
                 if u.task_id in refused or current in (None, State.USER_KILLED):
@@ -249,20 +258,14 @@ class DatabaseTaskSource:
                     )
                     refused.add(u.task_id)
                 else:
-                    states[u.task_id] = u.state
-                    accepted.append(u)
-            tx.apply(accepted, launcher_id=launcher_id, batch_job_id=info.batch_job_id)
-            ran = [u.task_id for u in accepted if u.state is State.RUN_DONE]
-            if ran:  # nothing to postprocess or stage out: finished now
-                done_now = tx.session.scalars(
-                    select(Task.id).outerjoin(App, App.id == Task.app_id)
-                    .where(Task.id.in_(ran), nothing_to_do())
-                )
-                tx.apply(
-                    [c for i in done_now for c in skip(i, State.RUN_DONE)],
-                    launcher_id=launcher_id, batch_job_id=info.batch_job_id,
-                )
-            done = [u.task_id for u in accepted if u.state is not State.RUNNING]
+                    changes.append(u)
+                    if u.state is State.RUN_DONE and u.task_id in clean_end:
+                        changes += skip(u.task_id, State.RUN_DONE)
+                    states[u.task_id] = changes[-1].state
+            tx.apply(
+                changes, launcher_id=launcher_id, batch_job_id=info.batch_job_id, states=before
+            )
+            done = [c.task_id for c in changes if c.state is not State.RUNNING]
             if done:
                 tx.session.execute(
                     update(Task)

@@ -21,10 +21,7 @@ import psutil
 
 from ..models import STDERR_FILE, STDOUT_FILE
 from .deathwatch import DeathWatch
-
-#: How a task's output files are opened: appended to (a rerun adds to them), created if
-#: missing, never inherited by other children.
-OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+from .workdirs import OUTPUT_FLAGS
 
 
 @dataclass

@@ -56,7 +56,7 @@ from sqlalchemy import and_, not_, or_, select, update
 
 from ..api import TASK_ENV, Site, filter_tasks
 from ..fastforward import nothing_to_do, skip
-from ..models import STDERR_FILE, STDOUT_FILE, App, Task
+from ..models import App, Task
 from ..plugin_types import RecoveryPolicy
 from ..site import SITE_ENV
 from ..states import State
@@ -284,8 +284,6 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         moved |= {e.task_id for e in tx.events}
         for directory in new_dirs:  # here rather than in the launcher's hot loop
             directory.mkdir(parents=True, exist_ok=True)
-            for name in (STDOUT_FILE, STDERR_FILE):
-                os.close(os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
         return recover, work, parents
 
     # ------------------------------------------------------------------ harvest
