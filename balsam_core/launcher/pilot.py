@@ -180,6 +180,7 @@ class Launcher:
         self.leaser = Leaser(self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare)
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
+        self._request_lease()  # first, so that it runs while the heartbeat does
         next_heartbeat = 0.0  # at once: reclaim what dead launchers left behind
         next_poll = 0.0
         idle_since = time.time()
@@ -211,10 +212,10 @@ class Launcher:
                 if leased is not None:
                     next_poll = self._leased(leased, now)
                 updates += self._start_placed(now)
-                room = self.pool.has_room() and now < self._lease_deadline()
-                if room and now >= next_poll and len(self.queue) < self._low_water():
+                wants_lease = self._wants_lease(now)
+                if wants_lease and now >= next_poll:
                     self._request_lease()  # after the starts: it leases for what is free
-                self.reporter.add(updates)
+                self.reporter.add(updates, urgent=not len(self.procs))
                 updates = []
                 if (
                     len(self.procs) or self.queue or (self.worker and not self.worker.idle)
@@ -231,7 +232,7 @@ class Launcher:
                 wake_at = [next_heartbeat]
                 if (len(self.procs) or self.queue) and now < self._lease_deadline():
                     wake_at.append(self._lease_deadline())
-                if room and not self.leaser.busy:  # else woken by the lease's result
+                if wants_lease and not self.leaser.busy:  # else woken by the lease's result
                     wake_at.append(next_poll)
                 if self.options.end_time is not None:
                     wake_at.append(self._deadline())
@@ -250,9 +251,15 @@ class Launcher:
         """CPU slots of the allocation: an upper bound of tasks running at once."""
         return sum(n.cpus for n in self.options.nodes)
 
-    def _low_water(self) -> int:
-        """Lease more once fewer tasks than this wait in the queue."""
-        return self._slots() + self.options.prefetch // 2
+    def _wants_lease(self, now: float) -> bool:
+        """Should the queue be topped up?  With ``prefetch``, once it holds fewer tasks
+        than the slots plus half the prefetch (busy nodes or not: the lease is ahead of
+        need); without, only while there is free room."""
+        if now >= self._lease_deadline():
+            return False
+        if self.options.prefetch:
+            return len(self.queue) < self._slots() + self.options.prefetch // 2
+        return len(self.queue) < self._slots() and self.pool.has_room()
 
     def _request_lease(self) -> None:
         free = self.pool.free()

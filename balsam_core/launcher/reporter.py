@@ -34,16 +34,21 @@ class Reporter:
         self._refused: list[int] = []
         self._lock = threading.Lock()
         self._has_work = threading.Event()
+        self._urgent = threading.Event()
         self._closing = False
         self._give_up_at: float | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="balsam-reporter", daemon=True)
         self._thread.start()
 
-    def add(self, updates: Sequence[StateUpdate]) -> None:
+    def add(self, updates: Sequence[StateUpdate], urgent: bool = False) -> None:
+        """Queue *updates*; *urgent*: write them without waiting out ``flush_s`` (the
+        launcher has nothing running, so nothing else is coming soon)."""
         if updates:
             with self._lock:
                 self._pending.extend(updates)
+            if urgent:
+                self._urgent.set()
             self._has_work.set()
 
     def refused(self) -> list[int]:
@@ -59,7 +64,8 @@ class Reporter:
             # The first after a quiet spell is written at once.
             pause = last_flush + self.flush_s - time.monotonic()
             if pause > 0 and not self._closing:
-                time.sleep(pause)
+                self._urgent.wait(pause)
+            self._urgent.clear()
             self._has_work.clear()
             last_flush = time.monotonic()
             self._flush()
@@ -103,5 +109,6 @@ class Reporter:
         if timeout is not None:
             self._give_up_at = time.time() + timeout
         self._closing = True
+        self._urgent.set()
         self._has_work.set()
         self._thread.join()
