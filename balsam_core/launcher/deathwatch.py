@@ -8,10 +8,10 @@ costs 1.5-2 ms on every start, more than the rest of a start.
 
 Instead the launcher forks one small watchdog.  For every task it writes ``+<pgid>``
 to a pipe when the process starts and ``-<pgid>`` when it is reaped, gathered into one
-write per turn of the hot loop (:meth:`DeathWatch.flush`, before it sleeps).  The watchdog sits in a session of its own, ignores SIGTERM and
-SIGINT, and reads; when the pipe reports end-of-file -- the launcher exited, however
-it died -- it SIGKILLs the process groups still listed, then exits.  After a clean
-shutdown the list is empty.
+write per turn of the hot loop (:meth:`DeathWatch.flush`, before it sleeps).  The
+watchdog sits in a session of its own, ignores SIGTERM and SIGINT, and reads; when the
+pipe reports end-of-file -- the launcher exited, however it died -- it SIGKILLs the
+process groups still listed, then exits.  After a clean shutdown the list is empty.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ that wait left slots empty.  Here the loop only *asks* (:meth:`Leaser.request`, 
 free resources at that moment) and picks the result up after it is woken
 (:meth:`Leaser.take`); while a lease is in flight it keeps starting tasks from its queue.
 After handing a lease over, the thread prepares the leased tasks' working directories
-(``prepare``, idempotent): file system work the hot loop would otherwise do before each
-start.  The loop prepares again at the start, which costs a few system calls when it
-was done already, and is where a directory that cannot be made fails its task.
+(``prepare``): file system work the hot loop would otherwise do before each start.  A
+directory that cannot be made fails its task at the start, where the loop checks again.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class Leaser:
         source: TaskSource,
         launcher_id: int,
         wake: Callable[[], None],
-        prepare: Callable[[str], str],
+        prepare: Callable[[str], object],
     ) -> None:
         self._source, self._launcher_id, self._wake = source, launcher_id, wake
         self._prepare = prepare

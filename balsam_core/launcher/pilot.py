@@ -177,7 +177,9 @@ class Launcher:
         self._start_processor()  # forks: before any thread starts
         self.procs.guard_orphans()  # forks too: after the worker, which must not hold its pipe
         self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
-        self.leaser = Leaser(self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare)
+        self.leaser = Leaser(
+            self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare_ahead
+        )
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
         self._request_lease()  # first, so that it runs while the heartbeat does
