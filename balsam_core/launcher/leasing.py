@@ -72,13 +72,14 @@ class Leaser:
                 self._busy = False
             return result
 
-    def close(self) -> None:
-        """Let a lease in flight finish and stop the thread.  What it leased and nobody
-        took stays leased to the launcher: its release at shutdown gives it back."""
+    def close(self, timeout: float | None = None) -> None:
+        """Let a lease in flight finish (at most *timeout* seconds: the database may be
+        away) and stop the thread.  What it leased and nobody took stays leased to the
+        launcher: its release at shutdown gives it back, or the lease expires."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:

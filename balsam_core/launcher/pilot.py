@@ -516,7 +516,7 @@ class Launcher:
         try:
             if self.worker is not None:
                 self.worker.stop()  # ends pre/post steps still running, before leases go
-            self.leaser.close()
+            self.leaser.close(timeout=self.options.grace_s)
             self.reporter.add([*pending, *self._collect(exited)])
             self.reporter.close(timeout=self.site.config.launcher.lease_s)
             try:
