@@ -31,13 +31,13 @@ import shlex
 import string
 import subprocess
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import PluginError
-from .plugin_types import BatchJobSpec, PluginContext
+from .plugin_types import Allocation, BatchJobSpec, NodeSpec, PluginContext
 from .states import BatchJobState
 
 __all__ = [
@@ -363,6 +363,46 @@ class CommandScheduler:
     def render_script(self, job: BatchJobSpec) -> str:
         """The job script: the template, values shell-quoted, directives validated."""
         return self.template.render(self.site_dir, self.script_values(job))
+
+    # ------------------------------------------------------------------ shared steps
+
+    def submitted_id(
+        self,
+        result: CommandResult,
+        job: BatchJobSpec,
+        pattern: re.Pattern[str],
+        id_of: Callable[[str], str] = str.strip,
+    ) -> str:
+        """The job id a submit command printed on its last non-empty line (through
+        *id_of*), checked against *pattern*; a PluginError if there is none."""
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+        scheduler_id = id_of(lines[-1]) if lines else ""
+        if not pattern.fullmatch(scheduler_id):
+            raise command_error(
+                self.name, result, f"no job id in its output {result.stdout.strip()[:80]!r}"
+            )
+        log.info("%s: batch job %s submitted as %s", self.name, job.job_id, scheduler_id)
+        return scheduler_id
+
+    def well_formed_ids(
+        self, scheduler_ids: Sequence[str], pattern: re.Pattern[str]
+    ) -> list[str]:
+        """The ids that match *pattern*; each other one is logged and skipped."""
+        wanted = [str(i) for i in scheduler_ids if pattern.fullmatch(str(i))]
+        for bad in sorted(set(map(str, scheduler_ids)) - set(wanted)):
+            log.warning(
+                "%s: %r is not a %s job id; skipped", self.name, bad, self.name.capitalize()
+            )
+        return wanted
+
+    def allocation_of(self, names: Sequence[str], end_time: float | None) -> Allocation:
+        """An allocation of the nodes *names*, each with ``cpus_per_node`` CPUs and GPU
+        ids ``0 .. gpus_per_node-1``."""
+        gpus = tuple(range(self.gpus_per_node))
+        return Allocation(
+            nodes=tuple(NodeSpec(n, cpus=self.cpus_per_node, gpu_ids=gpus) for n in names),
+            end_time=end_time,
+        )
 
 
 # --------------------------------------------------------------------------- parsing

@@ -30,7 +30,6 @@ from balsam_core import (
     CommandResult,
     CommandScheduler,
     CommandSchedulerSettings,
-    NodeSpec,
     PluginError,
     SchedulerJobStatus,
     ScriptTemplate,
@@ -132,21 +131,13 @@ class CobaltScheduler(CommandScheduler):
                 "--debuglog", str(w / "cobalt.log")]
         if self.settings.mode:
             argv += ["--mode", self.settings.mode]
-        result = self._run([*argv, str(script)])
-        lines = [ln.strip() for ln in result.stdout.splitlines() if ln.strip()]
-        scheduler_id = lines[-1] if lines else ""
-        if not _JOB_ID.match(scheduler_id):
-            raise command_error(WHAT, result, f"no job id in its output {result.stdout.strip()[:80]!r}")
-        log.info("cobalt: batch job %s submitted as %s", job.job_id, scheduler_id)
-        return scheduler_id
+        return self.submitted_id(self._run([*argv, str(script)]), job, _JOB_ID)
 
     # ------------------------------------------------------------------ status
 
     def status(self, scheduler_ids: Sequence[str]) -> dict[str, SchedulerJobStatus]:
         """One ``qstat -l`` for all ids; ids it does not list are omitted."""
-        wanted = [str(i) for i in scheduler_ids if _JOB_ID.match(str(i))]
-        for bad in set(map(str, scheduler_ids)) - set(wanted):
-            log.warning("cobalt: %r is not a Cobalt job id; skipped", bad)
+        wanted = self.well_formed_ids(scheduler_ids, _JOB_ID)
         if not wanted:
             return {}
         result = self._run(["qstat", "-l", "--header", "JobID:State:Nodes:WallTime", *wanted],
@@ -189,7 +180,6 @@ class CobaltScheduler(CommandScheduler):
 
     def allocation(self) -> Allocation:
         """Nodes from ``COBALT_PARTNAME`` (or ``COBALT_NODEFILE``); end from the template."""
-        gpus = tuple(range(self.gpus_per_node))
         partname = os.environ.get("COBALT_PARTNAME", "").strip()
         if partname:
             try:
@@ -203,8 +193,7 @@ class CobaltScheduler(CommandScheduler):
             raise PluginError(
                 f"{WHAT}: not inside a Cobalt job (COBALT_PARTNAME and COBALT_NODEFILE are not set)"
             )
-        nodes = tuple(NodeSpec(n, cpus=self.cpus_per_node, gpu_ids=gpus) for n in names)
-        return Allocation(nodes=nodes, end_time=end_time_from_env(WHAT))
+        return self.allocation_of(names, end_time_from_env(WHAT))
 
     def backfill_windows(self) -> list[BackfillWindow]:
         """Always empty (Theta's ``nodelist`` backfill view is site-specific)."""

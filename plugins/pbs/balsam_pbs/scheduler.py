@@ -38,7 +38,6 @@ from balsam_core import (
     CommandResult,
     CommandScheduler,
     CommandSchedulerSettings,
-    NodeSpec,
     PluginError,
     SchedulerJobStatus,
     ScriptTemplate,
@@ -77,6 +76,8 @@ NATIVE_STATES: Mapping[str, BatchJobState] = {
     "C": B.FINISHED,  # Torque: completed
 }
 
+#: ``123.server``, ``123``, or an array job ``123[].server``.
+_JOB_ID = re.compile(r"\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?")
 #: Exit status of qstat for an unknown job id (PBSE_UNKJOBID 15001 % 256).
 UNKNOWN_JOB_EXIT = 153
 #: stderr lines of ``qstat`` / ``qdel`` about jobs that are unknown or over.
@@ -151,12 +152,7 @@ class PbsScheduler(CommandScheduler):
         workdir = Path(job.workdir)
         result = self._run(["qsub", "-o", str(workdir / "pbs.out"), "-e", str(workdir / "pbs.err"),
                             str(script)])
-        lines = [ln.strip() for ln in result.stdout.splitlines() if ln.strip()]
-        scheduler_id = lines[-1] if lines else ""
-        if not re.fullmatch(r"\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?", scheduler_id):
-            raise command_error(WHAT, result, f"no job id in its output {result.stdout.strip()[:80]!r}")
-        log.info("pbs: batch job %s submitted as %s", job.job_id, scheduler_id)
-        return scheduler_id
+        return self.submitted_id(result, job, _JOB_ID)
 
     # ------------------------------------------------------------------ status
 
@@ -214,9 +210,7 @@ class PbsScheduler(CommandScheduler):
         if not path:
             raise PluginError(f"{WHAT}: not inside a PBS job (PBS_NODEFILE is not set)")
         names = read_nodefile(path, WHAT, "PBS_NODEFILE")
-        gpus = tuple(range(self.gpus_per_node))
-        nodes = tuple(NodeSpec(n, cpus=self.cpus_per_node, gpu_ids=gpus) for n in names)
-        return Allocation(nodes=nodes, end_time=end_time_from_env(WHAT))
+        return self.allocation_of(names, end_time_from_env(WHAT))
 
     def backfill_windows(self) -> list[BackfillWindow]:
         """Always empty: PBS has no standard command that reports them."""

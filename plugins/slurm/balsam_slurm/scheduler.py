@@ -179,20 +179,14 @@ class SlurmScheduler(CommandScheduler):
         result = self._run(
             ["sbatch", "--parsable", f"--chdir={workdir}", f"--output={output}", str(script)]
         )
-        first = result.stdout.strip().splitlines()[-1:] or [""]
-        scheduler_id = first[0].split(";", 1)[0].strip()
-        if not _JOB_ID.match(scheduler_id):
-            raise command_error(WHAT, result, f"no job id in its output {result.stdout.strip()[:80]!r}")
-        log.info("slurm: batch job %s submitted as %s", job.job_id, scheduler_id)
-        return scheduler_id
+        # --parsable prints "<id>" or "<id>;<cluster>"
+        return self.submitted_id(result, job, _JOB_ID, lambda line: line.split(";", 1)[0].strip())
 
     # ------------------------------------------------------------------ status
 
     def status(self, scheduler_ids: Sequence[str]) -> dict[str, SchedulerJobStatus]:
         """One squeue for all ids, one sacct for those squeue no longer knows."""
-        wanted = [str(i) for i in scheduler_ids if _JOB_ID.match(str(i))]
-        for bad in set(map(str, scheduler_ids)) - set(wanted):
-            log.warning("slurm: %r is not a Slurm job id; skipped", bad)
+        wanted = self.well_formed_ids(scheduler_ids, _JOB_ID)
         if not wanted:
             return {}
         result = self._run(
