@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -43,17 +42,9 @@ from balsam_core.models import Launcher, Task, TaskEvent  # noqa: E402
 from balsam_core.states import State  # noqa: E402
 from balsam_core.transitions import Change  # noqa: E402
 from tests.harness.postgres import PostgresServer  # noqa: E402
+from tests.harness.sites import set_config  # noqa: E402
 
 BALSAM = shutil.which("balsam", path=str(Path(sys.executable).parent)) or "balsam"
-
-
-def configure(site_dir: Path, **settings: object) -> None:
-    toml = site_dir / "balsam.toml"
-    text = toml.read_text()
-    for key, value in settings.items():
-        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        assert count == 1, key
-    toml.write_text(text)
 
 
 def count(site: Site, query: object) -> int:
@@ -67,7 +58,7 @@ def run(server: PostgresServer, root: Path, n: int, args: argparse.Namespace) ->
     url = server.create_database(name)
     site_dir = root / f"site{n}"
     Site.init(site_dir, database=url).db.dispose()
-    configure(site_dir, cpus_per_node=args.slots)
+    set_config(site_dir, cpus_per_node=args.slots)
     site = Site.open(site_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("BALSAM_SITE", "BALSAM_TASK_ID")}
     logs = [open(root / f"launcher{n}-{i}.log", "wb") for i in range(n)]

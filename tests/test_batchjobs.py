@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -19,17 +19,9 @@ from balsam_core.api import Site
 from balsam_core.errors import NotFound, ValidationError
 from balsam_core.states import BATCH_JOB_END
 from tests.harness.fake_scheduler import FakeScheduler, reject, run_command
+from tests.harness.sites import wait_for
 
 B = BatchJobState
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from balsam_core.api import Site
 from balsam_core.models import Task, TaskEvent
 from tests.harness.postgres import PostgresServer, find_pg_bin
+from tests.harness.sites import set_config
 
 pytestmark = pytest.mark.real_component
 
@@ -57,12 +58,7 @@ def make_site(root: Path, pg: PostgresServer, name: str, **settings: object) -> 
     url = pg.create_database(f"fault_{name}_{os.getpid()}")
     site_dir = root / "site"
     Site.init(site_dir, database=url).db.dispose()
-    toml = site_dir / "balsam.toml"
-    text = toml.read_text()
-    for key, value in settings.items():
-        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        assert count == 1, key
-    toml.write_text(text)
+    set_config(site_dir, **settings)
     return Site.open(site_dir)
 
 

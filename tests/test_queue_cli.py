@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from balsam_core import batchjobs
 from balsam_core.api import Site
 from balsam_core.cli import cli
 from balsam_core.service import ServiceLock
+from tests.harness.sites import wait_for
 
 BALSAM = str(Path(sys.executable).with_name("balsam"))
 
@@ -52,15 +53,6 @@ def error(result: Result, code: int, *words: str) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def balsam(site: Site, *args: str, **kw: object) -> subprocess.Popen[str]:

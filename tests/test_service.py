@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -34,6 +34,7 @@ from balsam_core.service import (
 from balsam_core.states import State
 from balsam_core.transitions import Change
 from tests.harness.fake_scheduler import FakeScheduler, reject
+from tests.harness.sites import wait_for
 
 B = BatchJobState
 Q = {"q": QueuePolicy(max_queued=2, max_nodes=4, max_wall_min=60)}
@@ -178,15 +179,6 @@ def svc_site(site: Site) -> Iterator[Site]:
         if job.scheduler_id and job.scheduler_id.isdigit():
             local.cancel(job.scheduler_id)
     opened.db.dispose()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def test_service_runs_the_backlog_through_a_local_job(svc_site: Site) -> None:
