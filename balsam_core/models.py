@@ -51,7 +51,13 @@ class JSON(TypeDecorator[Any]):
         return dump_json(value)
 
     def process_result_value(self, value: str | None, dialect: Any) -> Any:
-        return None if value is None else json.loads(value)
+        if value is None:
+            return None
+        empty = _EMPTY_JSON.get(value)  # most values: decoding them dominated reading rows
+        return empty() if empty is not None else json.loads(value)
+
+
+_EMPTY_JSON = {"[]": list, "{}": dict}
 
 
 class Base(DeclarativeBase):

@@ -14,9 +14,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from .db import bulk_insert
 from .errors import NotFound
@@ -33,6 +35,36 @@ CHUNK = 5000
 Change = StateUpdate
 
 
+_task = Task.__table__
+_dep = TaskDependency.__table__
+
+# The statements of the launcher's hot paths, built once: SQLAlchemy then reuses their
+# compiled form, and building a statement costs more than running it on SQLite.
+_STATES = select(_task.c.id, _task.c.state).where(_task.c.id.in_(bindparam("ids", expanding=True)))
+_STATES_LOCKED = _STATES.with_for_update()
+_MOVE = (
+    update(_task)
+    .where(_task.c.id.in_(bindparam("ids", expanding=True)), _task.c.state == bindparam("src"))
+    .values(state=bindparam("dst"), state_time=bindparam("now"))
+)
+_SET_CODE = update(_task).where(_task.c.id == bindparam("b_id")).values(return_code=bindparam("b_rc"))
+_CHILDREN = select(_dep.c.child_id).where(_dep.c.parent_id.in_(bindparam("ids", expanding=True)))
+_READY_CHILDREN = select(_task.c.id).where(
+    _task.c.id.in_(_CHILDREN),
+    _task.c.state == State.AWAITING_PARENTS.value,
+    _task.c.id.not_in(
+        select(_dep.c.child_id)
+        .join(_task, _task.c.id == _dep.c.parent_id)
+        .where(_dep.c.child_id.in_(_CHILDREN), _task.c.state != State.JOB_FINISHED.value)
+    ),
+)
+
+
+def _run(session: Session, statement: Executable, params: object = None) -> Any:
+    """Execute a Core *statement* on the session's connection (no ORM layer)."""
+    return session.connection().execute(statement, params)
+
+
 def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
     """*items* in slices of at most *size*."""
     for start in range(0, len(items), size):
@@ -41,12 +73,10 @@ def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
 
 def current_states(session: Session, ids: Sequence[int], lock: bool = True) -> dict[int, State]:
     """``{id: state}`` for *ids* that exist; rows are locked on PostgreSQL when *lock*."""
+    query = _STATES_LOCKED if lock and session.get_bind().dialect.name == "postgresql" else _STATES
     result: dict[int, State] = {}
     for part in chunks(sorted(set(ids))):
-        query = select(Task.id, Task.state).where(Task.id.in_(part))
-        if lock and session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update()
-        result.update((i, State(s)) for i, s in session.execute(query))
+        result.update((i, State(s)) for i, s in _run(session, query, {"ids": part}))
     return result
 
 
@@ -119,21 +149,11 @@ def _write(
         groups[(initial[task_id], final[task_id])].append(task_id)
     for (src, dst), ids in groups.items():
         for part in chunks(ids):
-            result = session.execute(
-                update(Task)
-                .where(Task.id.in_(part), Task.state == src.value)
-                .values(state=dst.value, state_time=now)
-                .execution_options(synchronize_session=False)
-            )
+            result = _run(session, _MOVE, {"ids": part, "src": src.value, "dst": dst.value, "now": now})
             if result.rowcount != len(part):  # pragma: no cover - guarded by row locks
                 raise RuntimeError(f"concurrent state change on tasks {list(part)[:10]}")
     if codes:
-        session.execute(
-            update(Task.__table__)
-            .where(Task.__table__.c.id == bindparam("b_id"))
-            .values(return_code=bindparam("b_rc")),
-            [{"b_id": i, "b_rc": rc} for i, rc in codes.items()],
-        )
+        _run(session, _SET_CODE, [{"b_id": i, "b_rc": rc} for i, rc in codes.items()])
 
 
 def record_events(
@@ -185,21 +205,7 @@ def ready_children(session: Session, parent_ids: Sequence[int]) -> list[int]:
     """Children of *parent_ids* that are AWAITING_PARENTS and whose parents all finished."""
     result: list[int] = []
     for part in chunks(parent_ids):
-        children = select(TaskDependency.child_id).where(TaskDependency.parent_id.in_(part))
-        unfinished = (
-            select(TaskDependency.child_id)
-            .join(Task, Task.id == TaskDependency.parent_id)
-            .where(
-                TaskDependency.child_id.in_(children),
-                Task.state != State.JOB_FINISHED.value,
-            )
-        )
-        query = select(Task.id).where(
-            Task.id.in_(children),
-            Task.state == State.AWAITING_PARENTS.value,
-            Task.id.not_in(unfinished),
-        )
-        result += session.scalars(query)
+        result += _run(session, _READY_CHILDREN, {"ids": part}).scalars()
     return sorted(set(result))
 
 

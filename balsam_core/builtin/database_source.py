@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -106,6 +106,34 @@ def fitting(tasks: Sequence[Any], free: Sequence[NodeResources]) -> list[Any]:
     return chosen
 
 
+# Statements of the lease and report paths, built once (see balsam_core.transitions).
+_tasks = Task.__table__
+#: The states of the tasks a launcher holds, and whether a clean run ends them.
+_HELD = (
+    select(Task.id, Task.state, nothing_after_run())
+    .outerjoin(App, App.id == Task.app_id)
+    .where(
+        Task.id.in_(bindparam("ids", expanding=True)),
+        Task.lease_launcher_id == bindparam("launcher_id"),
+    )
+)
+_HELD_LOCKED = _HELD.with_for_update(of=Task)
+_LEASE = (
+    update(_tasks)
+    .where(_tasks.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        lease_launcher_id=bindparam("launcher_id"), lease_expires=bindparam("expires"),
+        batch_job_id=bindparam("batch_job_id"),
+    )
+)
+#: Leases end with the run: given back for every reported task no longer RUNNING.
+_UNLEASE_ENDED = (
+    update(_tasks)
+    .where(_tasks.c.id.in_(bindparam("ids", expanding=True)), _tasks.c.state != State.RUNNING.value)
+    .values(lease_launcher_id=None, lease_expires=None)
+)
+
+
 class DatabaseTaskSource:
     """Leases tasks from the site database (see the module docstring)."""
 
@@ -113,6 +141,7 @@ class DatabaseTaskSource:
         self.site = site
         self.lease_s = site.config.launcher.lease_s
         self._infos: dict[int, LauncherInfo] = {}
+        self._lease_queries: dict[int, Any] = {}
 
     @classmethod
     def from_context(cls, context: PluginContext) -> DatabaseTaskSource:
@@ -150,23 +179,48 @@ class DatabaseTaskSource:
         if not free or limit <= 0:
             return []
         now = time.time()
-        idle = len({n.name for n in free if n.idle})
-        max_cpus = max(n.cpus for n in free)
-        max_gpus = max(len(n.gpu_ids) for n in free)
+        info = self._info(launcher_id)
+        params = {
+            "now": now, "limit": limit, "idle": len({n.name for n in free if n.idle}),
+            "max_cpus": max(n.cpus for n in free),
+            "max_gpus": max(len(n.gpu_ids) for n in free),
+        }
+        with self.site.transaction() as tx:
+            s = tx.session
+            query = self._lease_query(launcher_id, info, s.get_bind().dialect.name)
+            tasks = fitting(list(s.connection().execute(query, params)), free)
+            if not tasks:
+                return []
+            tx.apply(
+                [c for t in tasks if t.state not in _RUNNABLE for c in skip(t.id, State(t.state))],
+                launcher_id=launcher_id, batch_job_id=info.batch_job_id,
+                states={t.id: State(t.state) for t in tasks},
+            )
+            s.connection().execute(_LEASE, {
+                "ids": [t.id for t in tasks], "launcher_id": launcher_id,
+                "expires": now + self.lease_s, "batch_job_id": info.batch_job_id,
+            })
+            return [self._leased(t) for t in tasks]
+
+    def _lease_query(self, launcher_id: int, info: LauncherInfo, dialect: str) -> Any:
+        """The launcher's lease query (its filters are fixed), built once per launcher;
+        parameters: now, limit, idle (whole free nodes), max_cpus, max_gpus."""
+        query = self._lease_queries.get(launcher_id)
+        if query is not None:
+            return query
         query = (
             select(*LEASE_COLUMNS)
             .outerjoin(App, App.id == Task.app_id)
             .where(
                 leasable(),
-                or_(Task.lease_launcher_id.is_(None), Task.lease_expires < now),
-                or_(Task.num_nodes == 1, Task.num_nodes <= idle),
-                Task.ranks_per_node * Task.threads_per_rank <= max_cpus,
-                Task.ranks_per_node * Task.gpus_per_rank <= max_gpus,
+                or_(Task.lease_launcher_id.is_(None), Task.lease_expires < bindparam("now")),
+                or_(Task.num_nodes == 1, Task.num_nodes <= bindparam("idle")),
+                Task.ranks_per_node * Task.threads_per_rank <= bindparam("max_cpus"),
+                Task.ranks_per_node * Task.gpus_per_rank <= bindparam("max_gpus"),
             )
             .order_by(Task.id)
-            .limit(limit)
+            .limit(bindparam("limit"))
         )
-        info = self._info(launcher_id)
         if info.workflow is not None:
             query = query.where(Task.workflow == info.workflow)
         for key, value in info.tags.items():
@@ -175,29 +229,10 @@ class DatabaseTaskSource:
                 .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == value)
                 .exists()
             )
-        with self.site.transaction() as tx:
-            s = tx.session
-            if s.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True, of=Task)
-            tasks = fitting(list(s.execute(query)), free)
-            if not tasks:
-                return []
-            tx.apply(
-                [c for t in tasks if t.state not in _RUNNABLE for c in skip(t.id, State(t.state))],
-                launcher_id=launcher_id, batch_job_id=info.batch_job_id,
-                states={t.id: State(t.state) for t in tasks},
-            )
-            s.execute(
-                update(Task)
-                .where(Task.id.in_([t.id for t in tasks]))
-                .values(
-                    lease_launcher_id=launcher_id,
-                    lease_expires=now + self.lease_s,
-                    batch_job_id=info.batch_job_id,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            return [self._leased(t) for t in tasks]
+        if dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=Task)
+        self._lease_queries[launcher_id] = query
+        return query
 
     def _leased(self, task: Any) -> LeasedTask:
         """A row of ``LEASE_COLUMNS`` as what the launcher runs."""
@@ -229,16 +264,13 @@ class DatabaseTaskSource:
         ids = sorted({u.task_id for u in updates})
         info = self._info(launcher_id)
         with self.site.transaction() as tx:
-            query = (
-                select(Task.id, Task.state, nothing_after_run())
-                .outerjoin(App, App.id == Task.app_id)
-                .where(Task.id.in_(ids), Task.lease_launcher_id == launcher_id)
-            )
-            if tx.session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(of=Task)
+            postgres = tx.session.get_bind().dialect.name == "postgresql"
             states: dict[int, State] = {}
             clean_end: set[int] = set()  # a clean run of these is their end
-            for task_id, state, clean in tx.session.execute(query):
+            held = tx.session.connection().execute(
+                _HELD_LOCKED if postgres else _HELD, {"ids": ids, "launcher_id": launcher_id}
+            )
+            for task_id, state, clean in held:
                 states[task_id] = State(state)
                 if clean:
                     clean_end.add(task_id)
@@ -267,12 +299,7 @@ class DatabaseTaskSource:
             )
             done = [c.task_id for c in changes if c.state is not State.RUNNING]
             if done:
-                tx.session.execute(
-                    update(Task)
-                    .where(Task.id.in_(done), Task.state != State.RUNNING.value)
-                    .values(lease_launcher_id=None, lease_expires=None)
-                    .execution_options(synchronize_session=False)
-                )
+                tx.session.connection().execute(_UNLEASE_ENDED, {"ids": done})
         return sorted(refused)
 
     def heartbeat(self, launcher_id: int) -> set[int]:
@@ -306,6 +333,7 @@ class DatabaseTaskSource:
             )
             s.execute(update(Launcher).where(Launcher.id == launcher_id).values(stopped=time.time()))
         self._infos.pop(launcher_id, None)
+        self._lease_queries.pop(launcher_id, None)
 
     def expire_leases(self, now: float) -> int:
         """Reclaim leases that ran out: RUNNING tasks -> RUN_TIMEOUT ("launcher N lost:
