@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, not_, or_, select, update
+from sqlalchemy import and_, bindparam, not_, or_, select, update
 
 from ..api import TASK_ENV, Site, filter_tasks
 from ..fastforward import nothing_to_do, skip
@@ -124,6 +124,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         base = {k: v for k, v in os.environ.items() if k not in (TASK_ENV, ERROR_ENV, TIMEOUT_ENV)}
         base[SITE_ENV] = str(config.site_dir)
         self._base_env = base
+        self._build_queries()
 
     def __enter__(self) -> TransitionProcessor:
         return self
@@ -178,16 +179,36 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
 
     # ------------------------------------------------------------------ claim
 
-    def _claimable(self, now: float) -> Any:
-        free = or_(
-            and_(Task.lease_launcher_id.is_(None), Task.lease_expires.is_(None)),
-            Task.lease_expires < now,
-            Task.lease_launcher_id == self.owner_id,
+    def _build_queries(self) -> None:
+        """The claim's statements, built once (parameters: now, inflight, limit): a pass
+        on an idle site then costs one cheap read."""
+        claimable = and_(
+            or_(
+                and_(Task.lease_launcher_id.is_(None), Task.lease_expires.is_(None)),
+                Task.lease_expires < bindparam("now"),
+                Task.lease_launcher_id == self.owner_id,
+            ),
+            Task.id.not_in(bindparam("inflight", expanding=True)),
         )
-        cond = [free]
-        if self._inflight:
-            cond.append(Task.id.not_in(list(self._inflight)))
-        return and_(*cond)
+        trivial_sql = nothing_to_do()
+        # Steps recorded in bulk (fast-forwards, recovery), and steps needing work.
+        in_bulk = or_(
+            and_(Task.state.in_(self._forwarded), trivial_sql),
+            Task.state.in_([s.value for s in _RECOVER]),
+        )
+        with_work = and_(Task.state.in_([s.value for s in _FORWARD]), not_(trivial_sql))
+        # Tasks with nothing to do that another owner fast-forwards (READY ones that a
+        # launcher's task source leases) are not work: a probe counting them took the
+        # write lock on every pass while a launcher ran such tasks.
+        self._probe = filter_tasks(
+            select(Task.id).outerjoin(App, App.id == Task.app_id)
+            .where(claimable, or_(in_bulk, with_work)).limit(1),
+            workflow=self.workflow, tags=self.tags,
+        )
+        self._claims = (
+            self._query(claimable, in_bulk, limit=bindparam("limit")),
+            self._query(claimable, with_work, limit=bindparam("limit")),
+        )
 
     def _query(self, *where: Any, limit: int) -> Any:
         query = (
@@ -215,43 +236,22 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         Returns the tasks for recovery, the tasks needing work, and the parents' working
         directories of those with input_files.
         """
-        claimable = self._claimable(now)
-        states = [s.value for s in (*_FORWARD, *_RECOVER)]
+        params = {"now": now, "inflight": list(self._inflight)}
         if self._idle:
             # Nothing last time: look before taking SQLite's database-wide write lock.
             with self.site.db.session() as s:
-                probe = select(Task.id).where(Task.state.in_(states), claimable).limit(1)
-                probe = filter_tasks(probe, workflow=self.workflow, tags=self.tags)
-                if s.execute(probe).first() is None:
+                if s.execute(self._probe, params).first() is None:
                     return [], [], {}
-        trivial_sql = nothing_to_do()
         room = max(0, self.max_inflight - len(self._inflight))
         with self.site.transaction() as tx:
             pg = tx.session.get_bind().dialect.name == "postgresql"
-            queries = [
-                self._query(
-                    claimable,
-                    or_(
-                        and_(Task.state.in_(self._forwarded), trivial_sql),
-                        Task.state.in_([s.value for s in _RECOVER]),
-                    ),
-                    limit=self.batch,
-                )
-            ]
-            if room:
-                queries.append(
-                    self._query(
-                        claimable,
-                        Task.state.in_([s.value for s in _FORWARD]),
-                        not_(trivial_sql),
-                        limit=room,
-                    )
-                )
             items: list[_Item] = []
-            for query in queries:
+            for query, limit in zip(self._claims, (self.batch, room)):
+                if not limit:
+                    continue
                 if pg:
                     query = query.with_for_update(skip_locked=True, of=Task)
-                items += [_item(row) for row in tx.session.execute(query)]
+                items += [_item(row) for row in tx.session.execute(query, {**params, "limit": limit})]
             self._idle = not items
             if not items:
                 return [], [], {}
