@@ -182,8 +182,12 @@ class Launcher:
         )
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
-        self._request_lease()  # first, so that it runs while the heartbeat does
-        next_heartbeat = 0.0  # at once: reclaim what dead launchers left behind
+        self._request_lease(ahead=False)
+        # The first heartbeat (which also reclaims what dead launchers left behind)
+        # follows the first lease: both take the write lock, and the first starts wait
+        # for the lease.
+        first_lease = True
+        next_heartbeat = time.time() + heartbeat_s
         next_poll = 0.0
         idle_since = time.time()
         updates: list[StateUpdate] = []
@@ -213,6 +217,8 @@ class Launcher:
                 leased = self.leaser.take()
                 if leased is not None:
                     next_poll = self._leased(leased, now)
+                    if first_lease:
+                        first_lease, next_heartbeat = False, now
                 updates += self._start_placed(now)
                 wants_lease = self._wants_lease(now)
                 if wants_lease and now >= next_poll:
@@ -241,8 +247,12 @@ class Launcher:
                 if self.options.stop_file:
                     wake_at.append(now + STOP_CHECK_S)
                 updates = self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
-                if self.worker is not None and self.worker.read():
-                    next_poll = 0.0  # the worker made tasks runnable: lease them now
+                if self.worker is not None and self.procs.readable(self.worker.fileno()):
+                    if self.worker.read():
+                        next_poll = 0.0  # the worker made tasks runnable: lease them now
+                    if self.worker.ended:
+                        log.error("launcher %d: its processing worker ended", self.launcher_id)
+                        self.procs.unwatch(self.worker.fileno())
         finally:
             self._shutdown(updates)
         return self.stats
@@ -263,14 +273,17 @@ class Launcher:
             return len(self.queue) < self._slots() + self.options.prefetch // 2
         return len(self.queue) < self._slots() and self.pool.has_room()
 
-    def _request_lease(self) -> None:
+    def _request_lease(self, ahead: bool = True) -> None:
+        """Ask the leaser for tasks that fit the free room, and with *ahead* for
+        ``prefetch`` more (the first lease does not: it is the first starts' wait)."""
         free = self.pool.free()
-        if self.options.prefetch:
+        prefetch = self.options.prefetch if ahead else 0
+        if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
-            copies = -(-self.options.prefetch // self._slots())
+            copies = -(-prefetch // self._slots())
             free += [NodeResources(n.name, n.cpus, n.gpu_ids) for n in self.options.nodes] * copies
-        limit = self._slots() + self.options.prefetch - len(self.queue)
+        limit = self._slots() + prefetch - len(self.queue)
         if limit > 0:
             self.leaser.request(free, limit)
 

@@ -63,6 +63,8 @@ class ProcessGroup:
         self._epoll = select.epoll()
         #: pidfd -> task id, for the tasks' pidfds in the epoll set.
         self._pidfds: dict[int, int] = {}
+        #: Other watched fds -> readable at the last wait.
+        self._watched: dict[int, bool] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -79,8 +81,19 @@ class ProcessGroup:
         self._deathwatch = DeathWatch()
 
     def watch(self, fd: int) -> None:
-        """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it)."""
+        """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it:
+        :attr:`readable` says whether it was)."""
         self._epoll.register(fd, select.EPOLLIN)
+        self._watched[fd] = False
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching *fd* (e.g. at end-of-file: it would stay readable)."""
+        self._epoll.unregister(fd)
+        del self._watched[fd]
+
+    def readable(self, fd: int) -> bool:
+        """Did the last :meth:`wait` find the watched *fd* readable?"""
+        return self._watched[fd]
 
     def wake(self) -> None:
         try:
@@ -137,17 +150,19 @@ class ProcessGroup:
 
     def wait(self, timeout: float | None) -> list[Exited]:
         """Sleep until a task exits, :meth:`wake` is called or *timeout* passes; reap."""
-        if self._deathwatch is not None:
-            self._deathwatch.flush()
         deadline = self._next_deadline()
         if deadline is not None:
             until = max(0.0, deadline - time.time())
             timeout = until if timeout is None else min(timeout, until)
         exits = []
+        for fd in self._watched:
+            self._watched[fd] = False
         for fd, _ in self._epoll.poll(-1 if timeout is None else timeout):
             task_id = self._pidfds.get(fd)
             if task_id is not None:
                 exits.append(task_id)
+            elif fd in self._watched:
+                self._watched[fd] = True
             elif fd == self._wake_r:  # empty it
                 try:
                     while os.read(self._wake_r, 4096):

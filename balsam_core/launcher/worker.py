@@ -50,6 +50,9 @@ def _run(
 
     stop_r, stop_w = stop_fds
     os.close(stop_w)  # the launcher's end: when its only holder dies, stop_r reads EOF
+    # Leave the launcher's start (its first lease and starts) the CPU for a moment.
+    if _stop_requested(stop_r, interval_s, launcher_id):
+        return
     site = Site.open(site_dir)
     # Tasks with nothing to do before their run are the task source's to fast-forward
     # as it leases them (TaskSource.lease), in one transaction instead of two.
@@ -115,6 +118,8 @@ class ProcessingWorker:
         os.close(stop_r)
         #: The worker's last word: None until its first pass.
         self.last: bytes | None = None
+        #: The worker process has ended (its pipe reads end-of-file).
+        self.ended = False
 
     def fileno(self) -> int:
         """Readable when the worker has said something (watch it in a selector)."""
@@ -128,7 +133,8 @@ class ProcessingWorker:
                 self.last = self._status.recv_bytes()
                 moved = moved or self.last == MOVED
         except EOFError:
-            self.last = IDLE  # the worker ended
+            self.last = IDLE
+            self.ended = True
         return moved
 
     @property
