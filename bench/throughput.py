@@ -1,7 +1,7 @@
 """Launcher throughput: Balsam against a plain Popen pool, in one run.
 
     python bench/throughput.py [--tasks 1000] [--slots 2] [--sleep-tasks 200] [--sleep-slots 4]
-                               [--repeat 5]
+                               [--repeat 5] [--site-root DIR]
 
 (a) baseline: a Python pool keeping K ``/bin/true`` processes running until N ran;
 (b) Balsam: the same N tasks committed READY in a fresh SQLite site, run by the
@@ -10,6 +10,11 @@ Prints one JSON object per measurement (stdout) with both rates and their ratio.
 Second workload: N x ``sleep 0.05`` on K slots, wall time against the ideal.
 Each measurement runs ``--repeat`` times, alternating with its baseline, and medians
 are compared: run to run, this shared 2-core VM varies by up to 2x.
+
+The sites live in ``--site-root`` (default: the temporary directory).  Balsam makes a
+working directory and two output files per task, which the baseline does not; what
+that costs on the chosen file system is measured on the spot and printed
+(``fs_ms_per_task``): on this VM's ext4 it ranged from 0.1 to 3 ms, on tmpfs 0.03 ms.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from sqlalchemy import func, select  # noqa: E402
 from balsam_core.api import Site  # noqa: E402
 from balsam_core.launcher.nodes import local_nodes  # noqa: E402
 from balsam_core.launcher.pilot import Launcher, LauncherOptions  # noqa: E402
-from balsam_core.models import TaskEvent  # noqa: E402
+from balsam_core.models import STDERR_FILE, STDOUT_FILE, TaskEvent  # noqa: E402
 
 
 def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
@@ -48,6 +53,22 @@ def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
         pid, _ = os.wait()
         running = {p for p in running if p.pid != pid}
     return time.perf_counter() - started
+
+
+def fs_cost_ms(root: Path, tasks: int = 300) -> float:
+    """Milliseconds per task for what Balsam's file work amounts to on *root*'s file
+    system: one directory and two empty files in it."""
+    scratch = Path(tempfile.mkdtemp(prefix="fs-probe-", dir=root))
+    try:
+        started = time.perf_counter()
+        for i in range(tasks):
+            workdir = scratch / f"task_{i}"
+            workdir.mkdir()
+            for name in (STDOUT_FILE, STDERR_FILE):
+                os.close(os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        return (time.perf_counter() - started) / tasks * 1000
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def balsam_run(argv: list[str], tasks: int, slots: int, root: Path) -> dict[str, float]:
@@ -76,10 +97,13 @@ def main() -> None:
     parser.add_argument("--sleep-slots", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each measurement, alternating; medians are compared")
+    parser.add_argument("--site-root", type=Path, default=None,
+                        help="directory for the sites (default: the temporary directory)")
     args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="balsam-throughput-", dir=args.site_root))
     common = {"python": platform.python_version(), "cpus": os.cpu_count(),
-              "loadavg_1m": os.getloadavg()[0], "repeat": args.repeat}
-    root = Path(tempfile.mkdtemp(prefix="balsam-throughput-"))
+              "loadavg_1m": os.getloadavg()[0], "repeat": args.repeat,
+              "site_root": str(root.parent), "fs_ms_per_task": round(fs_cost_ms(root), 3)}
     runs = iter(range(10**6))
 
     def pair(argv: list[str], tasks: int, slots: int) -> tuple[float, float, int, int]:

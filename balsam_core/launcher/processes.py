@@ -93,7 +93,7 @@ class ProcessGroup:
 
     def readable(self, fd: int) -> bool:
         """Did the last :meth:`wait` find the watched *fd* readable?"""
-        return self._watched[fd]
+        return self._watched.get(fd, False)
 
     def wake(self) -> None:
         try:

@@ -50,19 +50,22 @@ def _run(
 
     stop_r, stop_w = stop_fds
     os.close(stop_w)  # the launcher's end: when its only holder dies, stop_r reads EOF
-    # Leave the launcher's start (its first lease and starts) the CPU for a moment.
-    if _stop_requested(stop_r, interval_s, launcher_id):
-        return
-    site = Site.open(site_dir)
-    # Tasks with nothing to do before their run are the task source's to fast-forward
-    # as it leases them (TaskSource.lease), in one transaction instead of two.
-    processor = TransitionProcessor(
-        site, None, owner_id=launcher_id, workflow=workflow, tags=tags, forward_ready=False
-    )
+    site: Site | None = None
+    processor: TransitionProcessor | None = None
+    # Each pass follows a pause, the first too: the launcher's start (its first lease
+    # and starts) has the CPU meanwhile.
     backoff = interval_s
     try:
-        while True:
+        while not _stop_requested(stop_r, backoff, launcher_id):
             try:
+                if processor is None:  # here: the database may be away at first
+                    site = Site.open(site_dir)
+                    # Tasks with nothing to do before their run are the task source's
+                    # to fast-forward as it leases them (TaskSource.lease).
+                    processor = TransitionProcessor(
+                        site, None, owner_id=launcher_id, workflow=workflow, tags=tags,
+                        forward_ready=False,
+                    )
                 moved = processor.process_once()
                 backoff = interval_s if moved else min(backoff * 2, poll_s)
                 status.send_bytes(MOVED if moved else BUSY if processor.inflight else IDLE)
@@ -72,11 +75,11 @@ def _run(
             except Exception:  # a bug: say so, keep the launcher's tasks running
                 log.exception("processing failed; retrying in 5 s")
                 backoff = 5.0
-            if _stop_requested(stop_r, backoff, launcher_id):
-                break
     finally:
-        processor.close()
-        site.db.dispose()
+        if processor is not None:
+            processor.close()
+        if site is not None:
+            site.db.dispose()
 
 
 def _stop_requested(fd: int, timeout: float, launcher_id: int) -> bool:

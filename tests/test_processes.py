@@ -1,0 +1,76 @@
+"""The launcher's process plumbing on its own: watched descriptors and the watchdog."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from balsam_core.launcher.deathwatch import DeathWatch
+from balsam_core.launcher.processes import ProcessGroup
+
+
+@pytest.fixture
+def group() -> ProcessGroup:
+    procs = ProcessGroup(grace_s=1.0)
+    yield procs
+    procs.close()
+
+
+def test_a_watched_descriptor_wakes_the_wait_and_says_so(group: ProcessGroup) -> None:
+    read_end, write_end = os.pipe()
+    group.watch(read_end)
+    os.write(write_end, b"m")
+    group.wait(5.0)
+    assert group.readable(read_end)
+    os.read(read_end, 1)
+    group.wait(0.01)
+    assert not group.readable(read_end)
+    os.close(write_end)  # end-of-file: readable for good
+    group.wait(5.0)
+    assert group.readable(read_end)
+    group.unwatch(read_end)
+    started = time.monotonic()
+    group.wait(0.2)
+    assert time.monotonic() - started >= 0.15  # no longer woken by it
+    os.close(read_end)
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "30"], start_new_session=True)
+
+
+def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes() -> None:
+    watch = DeathWatch()
+    listed, reaped = sleeper(), sleeper()
+    try:
+        watch.started(listed.pid)
+        watch.started(reaped.pid)
+        watch.ended(reaped.pid)  # reaped by the launcher: no longer the watchdog's
+        watch.close()  # what the watchdog sees when its launcher dies
+        assert listed.wait(10) == -9
+        assert reaped.poll() is None
+    finally:
+        for proc in (listed, reaped):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_full_watchdog_table_reuses_freed_slots(caplog: pytest.LogCaptureFixture) -> None:
+    watch = DeathWatch(capacity=1)
+    first, second = sleeper(), sleeper()
+    try:
+        watch.started(first.pid)
+        watch.started(second.pid)  # no slot left: said, not guarded
+        assert "not guarded" in caplog.text
+        watch.ended(first.pid)
+        watch.started(second.pid)  # the freed slot
+        watch.close()
+        assert second.wait(10) == -9
+        assert first.poll() is None
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait()
