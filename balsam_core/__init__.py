@@ -83,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
     from .fastforward import FAST_FORWARD, leasable, nothing_after_run, nothing_to_do, skip
+    from .rawsql import RawSql
     from .transitions import Change
 
 #: Names imported on first use: they pull in SQLAlchemy, which plugins that only
@@ -96,6 +97,7 @@ _LAZY = {
     "nothing_after_run": ("fastforward", "nothing_after_run"),
     "leasable": ("fastforward", "leasable"),
     "skip": ("fastforward", "skip"),
+    "RawSql": ("rawsql", "RawSql"),
 }
 
 
@@ -170,6 +172,7 @@ __all__ = [
     "MpiexecLauncher",
     "MpiexecSettings",
     "RankEnvironment",
+    "RawSql",
     "find_executable",
     "rank_environment",
     "decide_chain",

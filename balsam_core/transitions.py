@@ -14,16 +14,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
-
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import Executable
 
 from .db import bulk_insert
 from .errors import NotFound
 from .models import Task, TaskDependency, TaskEvent
 from .plugin_types import StateUpdate, TransitionEvent
+from .rawsql import RawSql
 from .states import State, check_transition
 
 #: Ids per ``IN (...)`` list; well below SQLite's and PostgreSQL's parameter limits.
@@ -35,34 +33,16 @@ CHUNK = 5000
 Change = StateUpdate
 
 
-_task = Task.__table__
-_dep = TaskDependency.__table__
-
-# The statements of the launcher's hot paths, built once: SQLAlchemy then reuses their
-# compiled form, and building a statement costs more than running it on SQLite.
-_STATES = select(_task.c.id, _task.c.state).where(_task.c.id.in_(bindparam("ids", expanding=True)))
-_STATES_LOCKED = _STATES.with_for_update()
-_MOVE = (
-    update(_task)
-    .where(_task.c.id.in_(bindparam("ids", expanding=True)), _task.c.state == bindparam("src"))
-    .values(state=bindparam("dst"), state_time=bindparam("now"))
+# The statements of the launcher's hot paths (see balsam_core.rawsql).
+_STATES = "SELECT id, state FROM task WHERE id {ids}"
+_MOVE = "UPDATE task SET state = ?, state_time = ? WHERE id {ids} AND state = ?"
+_SET_CODE = "UPDATE task SET return_code = ? WHERE id = ?"
+_READY_CHILDREN = (
+    "SELECT t.id FROM task t WHERE t.state = ?"
+    " AND t.id IN (SELECT child_id FROM task_dependency WHERE parent_id {ids})"
+    " AND NOT EXISTS (SELECT 1 FROM task_dependency d JOIN task p ON p.id = d.parent_id"
+    " WHERE d.child_id = t.id AND p.state <> ?)"
 )
-_SET_CODE = update(_task).where(_task.c.id == bindparam("b_id")).values(return_code=bindparam("b_rc"))
-_CHILDREN = select(_dep.c.child_id).where(_dep.c.parent_id.in_(bindparam("ids", expanding=True)))
-_READY_CHILDREN = select(_task.c.id).where(
-    _task.c.id.in_(_CHILDREN),
-    _task.c.state == State.AWAITING_PARENTS.value,
-    _task.c.id.not_in(
-        select(_dep.c.child_id)
-        .join(_task, _task.c.id == _dep.c.parent_id)
-        .where(_dep.c.child_id.in_(_CHILDREN), _task.c.state != State.JOB_FINISHED.value)
-    ),
-)
-
-
-def _run(session: Session, statement: Executable, params: object = None) -> Any:
-    """Execute a Core *statement* on the session's connection (no ORM layer)."""
-    return session.connection().execute(statement, params)
 
 
 def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
@@ -73,10 +53,11 @@ def chunks(items: Sequence[int], size: int = CHUNK) -> Iterable[Sequence[int]]:
 
 def current_states(session: Session, ids: Sequence[int], lock: bool = True) -> dict[int, State]:
     """``{id: state}`` for *ids* that exist; rows are locked on PostgreSQL when *lock*."""
-    query = _STATES_LOCKED if lock and session.get_bind().dialect.name == "postgresql" else _STATES
+    raw = RawSql(session)
+    query = _STATES + (" FOR UPDATE" if lock and raw.postgres else "")
     result: dict[int, State] = {}
     for part in chunks(sorted(set(ids))):
-        result.update((i, State(s)) for i, s in _run(session, query, {"ids": part}))
+        result.update((i, State(s)) for i, s in raw.execute(query, [raw.ids(part)]).fetchall())
     return result
 
 
@@ -147,13 +128,13 @@ def _write(
     groups: dict[tuple[State, State], list[int]] = defaultdict(list)
     for task_id in sorted(moved):
         groups[(initial[task_id], final[task_id])].append(task_id)
+    raw = RawSql(session)
     for (src, dst), ids in groups.items():
         for part in chunks(ids):
-            result = _run(session, _MOVE, {"ids": part, "src": src.value, "dst": dst.value, "now": now})
-            if result.rowcount != len(part):  # pragma: no cover - guarded by row locks
+            moved_rows = raw.execute(_MOVE, [dst.value, now, raw.ids(part), src.value]).rowcount
+            if moved_rows != len(part):  # pragma: no cover - guarded by row locks
                 raise RuntimeError(f"concurrent state change on tasks {list(part)[:10]}")
-    if codes:
-        _run(session, _SET_CODE, [{"b_id": i, "b_rc": rc} for i, rc in codes.items()])
+    raw.executemany(_SET_CODE, [(rc, i) for i, rc in codes.items()])
 
 
 def record_events(
@@ -203,9 +184,14 @@ def _dag_rules(session: Session, events: Sequence[TransitionEvent]) -> list[Chan
 
 def ready_children(session: Session, parent_ids: Sequence[int]) -> list[int]:
     """Children of *parent_ids* that are AWAITING_PARENTS and whose parents all finished."""
+    raw = RawSql(session)
     result: list[int] = []
     for part in chunks(parent_ids):
-        result += _run(session, _READY_CHILDREN, {"ids": part}).scalars()
+        rows = raw.execute(
+            _READY_CHILDREN,
+            [State.AWAITING_PARENTS.value, raw.ids(part), State.JOB_FINISHED.value],
+        )
+        result += (i for (i,) in rows.fetchall())
     return sorted(set(result))
 
 

@@ -27,6 +27,7 @@ from balsam_core import (
     LauncherInfo,
     NodeResources,
     PluginContext,
+    RawSql,
     Site,
     State,
     StateUpdate,
@@ -106,8 +107,6 @@ def fitting(tasks: Sequence[Any], free: Sequence[NodeResources]) -> list[Any]:
     return chosen
 
 
-# Statements of the lease and report paths, built once (see balsam_core.transitions).
-_tasks = Task.__table__
 #: The states of the tasks a launcher holds, and whether a clean run ends them.
 _HELD = (
     select(Task.id, Task.state, nothing_after_run())
@@ -118,19 +117,11 @@ _HELD = (
     )
 )
 _HELD_LOCKED = _HELD.with_for_update(of=Task)
-_LEASE = (
-    update(_tasks)
-    .where(_tasks.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        lease_launcher_id=bindparam("launcher_id"), lease_expires=bindparam("expires"),
-        batch_job_id=bindparam("batch_job_id"),
-    )
-)
-#: Leases end with the run: given back for every reported task no longer RUNNING.
+#: Taking leases, and giving back those of reported tasks no longer running (raw
+#: statements: see balsam_core.rawsql).
+_LEASE = "UPDATE task SET lease_launcher_id = ?, lease_expires = ?, batch_job_id = ? WHERE id {ids}"
 _UNLEASE_ENDED = (
-    update(_tasks)
-    .where(_tasks.c.id.in_(bindparam("ids", expanding=True)), _tasks.c.state != State.RUNNING.value)
-    .values(lease_launcher_id=None, lease_expires=None)
+    "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids} AND state <> ?"
 )
 
 
@@ -196,10 +187,11 @@ class DatabaseTaskSource:
                 launcher_id=launcher_id, batch_job_id=info.batch_job_id,
                 states={t.id: State(t.state) for t in tasks},
             )
-            s.connection().execute(_LEASE, {
-                "ids": [t.id for t in tasks], "launcher_id": launcher_id,
-                "expires": now + self.lease_s, "batch_job_id": info.batch_job_id,
-            })
+            raw = RawSql(s)
+            raw.execute(
+                _LEASE,
+                [launcher_id, now + self.lease_s, info.batch_job_id, raw.ids(t.id for t in tasks)],
+            )
             return [self._leased(t) for t in tasks]
 
     def _lease_query(self, launcher_id: int, info: LauncherInfo, dialect: str) -> Any:
@@ -299,7 +291,8 @@ class DatabaseTaskSource:
             )
             done = [c.task_id for c in changes if c.state is not State.RUNNING]
             if done:
-                tx.session.connection().execute(_UNLEASE_ENDED, {"ids": done})
+                raw = RawSql(tx.session)
+                raw.execute(_UNLEASE_ENDED, [raw.ids(done), State.RUNNING.value])
         return sorted(refused)
 
     def heartbeat(self, launcher_id: int) -> set[int]:

@@ -1,0 +1,49 @@
+"""Statements of the launcher's hot paths, run straight on the database driver.
+
+A lease or a state report runs a handful of statements per batch of tasks, and
+SQLAlchemy's per-statement work (parameter processing, expanding ``IN`` lists, result
+set-up) cost several times what SQLite needs to run them.  These statements are plain
+SQL on the DBAPI cursor of the session's connection -- inside the session's
+transaction -- written once for both dialects: ``?`` marks a parameter, and ``{ids}``
+tests a column against a list of ids passed as *one* parameter (SQLite: a JSON array
+read with ``json_each``; PostgreSQL: an array compared with ``= ANY``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+
+@functools.lru_cache(maxsize=256)
+def _translate(text: str, postgres: bool) -> str:
+    if postgres:
+        return text.replace("?", "%s").replace("{ids}", "= ANY(%s)")
+    return text.replace("{ids}", "IN (SELECT value FROM json_each(?))")
+
+
+class RawSql:
+    """Raw statements in *session*'s transaction."""
+
+    def __init__(self, session: Session) -> None:
+        connection = session.connection()
+        self.postgres = connection.dialect.name == "postgresql"
+        self._cursor = connection.connection.cursor()
+
+    def ids(self, ids: Iterable[int]) -> Any:
+        """An id list as the one parameter ``{ids}`` takes."""
+        return list(ids) if self.postgres else json.dumps(list(ids))
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        """Run *text* (see the module docstring); the DBAPI cursor, for its rows and
+        ``rowcount``."""
+        self._cursor.execute(_translate(text, self.postgres), tuple(params))
+        return self._cursor
+
+    def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._cursor.executemany(_translate(text, self.postgres), rows)
