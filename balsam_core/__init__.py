@@ -82,7 +82,9 @@ from .mpi_support import (
 if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
-    from .fastforward import FAST_FORWARD, leasable, nothing_after_run, nothing_to_do, skip
+    from .fastforward import (
+        FAST_FORWARD, LEASED_FROM, leasable, nothing_after_run, nothing_to_do, skip,
+    )
     from .rawsql import RawSql
     from .transitions import Change
 
@@ -93,6 +95,7 @@ _LAZY = {
     "Change": ("transitions", "Change"),
     "models": ("models", None),
     "FAST_FORWARD": ("fastforward", "FAST_FORWARD"),
+    "LEASED_FROM": ("fastforward", "LEASED_FROM"),
     "nothing_to_do": ("fastforward", "nothing_to_do"),
     "nothing_after_run": ("fastforward", "nothing_after_run"),
     "leasable": ("fastforward", "leasable"),
@@ -115,6 +118,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BATCH_JOB_END",
     "FAST_FORWARD",
+    "LEASED_FROM",
     "RUNNABLE",
     "ActiveJob",
     "Allocation",

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Text, and_, or_, type_coerce
+from sqlalchemy import Text, and_, literal_column, or_, type_coerce
 
 from .models import App, Task
 from .states import RUNNABLE, State
@@ -51,26 +51,42 @@ def nothing_after_run() -> Any:
     return and_(App.postprocess.is_(None), _empty(Task.stage_out))
 
 
+@functools.lru_cache(maxsize=None)
+def nothing_to_do_in(state: State) -> Any:
+    """SQL: the task is in *state* (a key of :data:`FAST_FORWARD`) and has nothing to do
+    in it (a query joining Task with its App)."""
+    in_state = Task.state == state.value
+    if state is S.READY:
+        return and_(
+            in_state, _empty(Task.input_files), _empty(Task.stage_in), App.preprocess.is_(None)
+        )
+    if state is S.STAGED_IN:
+        return and_(in_state, App.preprocess.is_(None))
+    if state is S.RUN_DONE:
+        return and_(in_state, nothing_after_run())
+    return and_(in_state, _empty(Task.stage_out))  # POSTPROCESSED
+
+
 @functools.lru_cache(maxsize=1)
 def nothing_to_do() -> Any:
     """SQL: the task has nothing to do in its state (a query joining Task with its App)."""
-    return or_(
-        and_(
-            Task.state == S.READY.value, _empty(Task.input_files), _empty(Task.stage_in),
-            App.preprocess.is_(None),
-        ),
-        and_(Task.state == S.STAGED_IN.value, App.preprocess.is_(None)),
-        and_(Task.state == S.RUN_DONE.value, nothing_after_run()),
-        and_(Task.state == S.POSTPROCESSED.value, _empty(Task.stage_out)),
-    )
+    return or_(*(nothing_to_do_in(state) for state in FAST_FORWARD))
 
 
-@functools.lru_cache(maxsize=1)
-def leasable() -> Any:
+#: The states a task may be leased from to run: runnable, or with nothing to do
+#: before its run.
+LEASED_FROM: tuple[State, ...] = (*sorted(RUNNABLE), S.READY, S.STAGED_IN)
+
+
+@functools.lru_cache(maxsize=None)
+def leasable(state: State | None = None) -> Any:
     """SQL: the task may be leased to run -- it is runnable, or READY / STAGED_IN with
-    nothing to do before its run (a query joining Task with its App)."""
-    before_run = [S.READY.value, S.STAGED_IN.value]
-    return or_(
-        Task.state.in_([s.value for s in RUNNABLE]),
-        and_(Task.state.in_(before_run), nothing_to_do()),
-    )
+    nothing to do before its run (a query joining Task with its App).  With *state*
+    (one of :data:`LEASED_FROM`): the task is in that state and may be leased."""
+    if state is None:
+        return or_(*(leasable(s) for s in LEASED_FROM))
+    if state in RUNNABLE:
+        # The state inline, not bound: statements differing only in it would share one
+        # compiled form, and SQLAlchemy then re-maps the result columns on every run.
+        return Task.state == literal_column(f"'{state.value}'")
+    return nothing_to_do_in(state)

@@ -211,6 +211,25 @@ def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:
 # --------------------------------------------------------------------------- report
 
 
+def test_a_lease_takes_the_oldest_tasks_of_every_leasable_state(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """One query per state (each reading its rows in id order), merged: the lease gets
+    the lowest ids whatever their states, never more than it asked for."""
+    lid = source.register(info())
+    ids = site.add_tasks([{"command": f"./run {i}"} for i in range(12)])
+    runnable(site, ids[0:12:3])  # PREPROCESSED
+    site.transition([Change(i, S.STAGED_IN) for i in ids[1:12:3]])  # STAGED_IN
+    restart = ids[2:12:6]  # RESTART_READY, by way of a run
+    runnable(site, restart)
+    site.transition(
+        [Change(i, s) for i in restart for s in (S.RUNNING, S.RUN_ERROR, S.RESTART_READY)]
+    )
+    assert sorted(site.count()) == ["PREPROCESSED", "READY", "RESTART_READY", "STAGED_IN"]
+    assert ids_of(source.lease(lid, ROOM, 5)) == ids[:5]
+    assert ids_of(source.lease(lid, ROOM, 100)) == ids[5:]
+
+
 def test_report(site: Site, source: DatabaseTaskSource) -> None:
     holder, stranger = source.register(info()), source.register(info())
     t1, t2, t3, spare = add_runnable(site, 4)
