@@ -55,6 +55,16 @@ def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
     return time.perf_counter() - started
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far (Linux): time the hypervisor gave to
+    other guests, which slows both sides of a comparison unevenly."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def fs_cost_ms(root: Path, tasks: int = 300) -> float:
     """Milliseconds per task for what Balsam's file work amounts to on *root*'s file
     system: one directory and two empty files in it."""
@@ -109,13 +119,16 @@ def main() -> None:
     def pair(argv: list[str], tasks: int, slots: int) -> tuple[float, float, int, int]:
         """Baseline and Balsam, alternating *repeat* times: medians and Balsam's counts."""
         base, balsam, counts = [], [], []
+        steal_before = cpu_times()
         for _ in range(args.repeat):
             base.append(popen_pool(argv, tasks, slots))
             run = balsam_run(argv, tasks, slots, root / f"run-{next(runs)}")
             balsam.append(run["seconds"])
             counts.append((run["finished"], run["events"]))
+        steal, total = (after - before for after, before in zip(cpu_times(), steal_before))
         samples = {"baseline_samples": [round(x, 3) for x in base],
-                   "balsam_samples": [round(x, 3) for x in balsam]}
+                   "balsam_samples": [round(x, 3) for x in balsam],
+                   "cpu_steal_pct": round(100 * steal / total, 1) if total else None}
         return statistics.median(base), statistics.median(balsam), min(counts), samples
 
     try:
