@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -13,7 +14,7 @@ from balsam_core.launcher.processes import ProcessGroup
 
 
 @pytest.fixture
-def group() -> ProcessGroup:
+def group() -> Iterator[ProcessGroup]:
     procs = ProcessGroup(grace_s=1.0)
     yield procs
     procs.close()
@@ -38,39 +39,44 @@ def test_a_watched_descriptor_wakes_the_wait_and_says_so(group: ProcessGroup) ->
     os.close(read_end)
 
 
-def sleeper() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "30"], start_new_session=True)
+@pytest.fixture
+def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Starts ``sleep 30`` in a session of its own; all are killed afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen(["sleep", "30"], start_new_session=True))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
-def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes() -> None:
+def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes(
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+) -> None:
     watch = DeathWatch()
     listed, reaped = sleeper(), sleeper()
-    try:
-        watch.started(listed.pid)
-        watch.started(reaped.pid)
-        watch.ended(reaped.pid)  # reaped by the launcher: no longer the watchdog's
-        watch.close()  # what the watchdog sees when its launcher dies
-        assert listed.wait(10) == -9
-        assert reaped.poll() is None
-    finally:
-        for proc in (listed, reaped):
-            proc.kill()
-            proc.wait()
+    watch.started(listed.pid)
+    watch.started(reaped.pid)
+    watch.ended(reaped.pid)  # reaped by the launcher: no longer the watchdog's
+    watch.close()  # what the watchdog sees when its launcher dies
+    assert listed.wait(10) == -9
+    assert reaped.poll() is None
 
 
-def test_a_full_watchdog_table_reuses_freed_slots(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_watchdog_table_reuses_freed_slots(
+    sleeper: Callable[[], subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
     watch = DeathWatch(capacity=1)
     first, second = sleeper(), sleeper()
-    try:
-        watch.started(first.pid)
-        watch.started(second.pid)  # no slot left: said, not guarded
-        assert "not guarded" in caplog.text
-        watch.ended(first.pid)
-        watch.started(second.pid)  # the freed slot
-        watch.close()
-        assert second.wait(10) == -9
-        assert first.poll() is None
-    finally:
-        for proc in (first, second):
-            proc.kill()
-            proc.wait()
+    watch.started(first.pid)
+    watch.started(second.pid)  # no slot left: said, not guarded
+    assert "not guarded" in caplog.text
+    watch.ended(first.pid)
+    watch.started(second.pid)  # the freed slot
+    watch.close()
+    assert second.wait(10) == -9
+    assert first.poll() is None
