@@ -82,7 +82,7 @@ class ProcessGroup:
 
     def watch(self, fd: int) -> None:
         """Also return from :meth:`wait` when *fd* becomes readable (the caller reads it:
-        :attr:`readable` says whether it was)."""
+        :meth:`readable` says whether it was)."""
         self._epoll.register(fd, select.EPOLLIN)
         self._watched[fd] = False
 

@@ -59,7 +59,7 @@ def _run(
         while not _stop_requested(stop_r, backoff, launcher_id):
             try:
                 if processor is None:  # here: the database may be away at first
-                    site = Site.open(site_dir)
+                    site = site or Site.open(site_dir)
                     # Tasks with nothing to do before their run are the task source's
                     # to fast-forward as it leases them (TaskSource.lease).
                     processor = TransitionProcessor(

@@ -210,7 +210,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
             self._query(claimable, with_work, limit=bindparam("limit")),
         )
 
-    def _query(self, *where: Any, limit: int) -> Any:
+    def _query(self, *where: Any, limit: Any) -> Any:
         query = (
             select(
                 Task.id, Task.name, Task.workflow, Task.workdir, Task.state, Task.state_time,
