@@ -290,12 +290,17 @@ def sync(site: Site, scheduler: Scheduler, now: float | None = None) -> list[Bat
                 raise PluginError(f"status() returned {type(statuses).__name__}, not a mapping")
         except Exception as exc:  # noqa: BLE001
             raise PluginError(f"scheduler status failed: {describe_error(exc)}") from exc
+
+    def change_of(job: BatchJob) -> tuple[BatchJobState, str, str | None] | None:
+        return _observed(job, statuses.get(job.scheduler_id) if job.scheduler_id else None, now)
+
+    if not any(change_of(job) for job in live):
+        return []  # the usual case: no write lock (on SQLite it stalls every launcher)
     events: list[BatchJobEvent] = []
     with site.db.session(write=True) as s:
         rows = _locked(s, [j.id for j in live])
         for job in rows.values():
-            change = _observed(job, statuses.get(job.scheduler_id) if job.scheduler_id else None,
-                               now)
+            change = change_of(job)  # again: the row may have moved meanwhile
             if change is None:
                 continue
             state, message, native = change

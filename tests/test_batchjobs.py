@@ -217,6 +217,19 @@ def test_native_state_changes_without_new_event(site: Site) -> None:
     assert states(site, job.id) == ["PENDING_SUBMISSION", "QUEUED"]
 
 
+def test_sync_without_changes_does_not_take_the_write_lock(sqlite_site: Site) -> None:
+    """Every service period syncs; when the scheduler reports nothing new, it must not
+    queue behind (or stall) the launchers' writes on SQLite's database-wide lock."""
+    site, sched = sqlite_site, FakeScheduler()
+    job = batchjobs.submit(site, sched, num_nodes=1, wall_time_min=5, queue="q")
+    batchjobs.sync(site, sched)  # records the native state ("QU")
+    with site.db.session(write=True) as other:  # another writer holds the lock throughout
+        other.execute(text("SELECT 1"))  # BEGIN IMMEDIATE happens here
+        assert batchjobs.sync(site, sched) == []  # QUEUED, as recorded: nothing to write
+    sched.states[job.scheduler_id] = B.RUNNING
+    assert [e.to_state for e in batchjobs.sync(site, sched)] == ["RUNNING"]
+
+
 def test_launcher_start_marks_the_job_running_at_once(site: Site) -> None:
     sched = FakeScheduler()
     job = batchjobs.submit(site, sched, num_nodes=1, wall_time_min=5, queue="q")
