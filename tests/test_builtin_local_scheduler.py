@@ -30,6 +30,7 @@ from balsam_core import (
 from balsam_core.builtin import local_scheduler
 from balsam_core.builtin.local_scheduler import LocalScheduler, LocalSettings, parse_native_state
 from balsam_core.config import from_dict
+from tests.harness.sites import wait_for
 
 # The "launcher" of these jobs: dumps its argv and BALSAM_LOCAL_END_TIME, then
 # exits with a code, sleeps, or sleeps ignoring SIGTERM.
@@ -47,15 +48,6 @@ if mode.startswith("exit:"):
 time.sleep(30)
 """
 NASTY = ["; rm -rf x", "$(id)", "`id`", "a'b\"c", "${HOME}", " two  spaces ", "*"]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 4.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
 
 
 @pytest.fixture

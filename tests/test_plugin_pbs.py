@@ -30,6 +30,7 @@ from tests.harness.stand_ins import bindir, calls, stand_in  # noqa: F401 (bindi
 
 balsam_pbs = pytest.importorskip("balsam_pbs", reason="plugins/pbs is not installed")
 from balsam_pbs.scheduler import PbsScheduler, PbsSettings  # noqa: E402
+from tests.harness.sites import wait_for  # noqa: E402
 
 # Recorded `qstat -x -f -F json 101.pbs01 102.pbs01 103.pbs01 104.pbs01` (PBS Pro;
 # trimmed to the attributes the plugin reads plus a few neighbours).
@@ -283,15 +284,6 @@ def submit_probe(sched: PbsScheduler, site: Path, tmp_path: Path, mode: str, **k
     sid = sched.submit(script, job)
     sched.submitted.append(sid)  # type: ignore[attr-defined]
     return sid, job
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 @pytest.mark.real_component

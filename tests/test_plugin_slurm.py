@@ -33,6 +33,7 @@ from balsam_core import (
     plugins,
 )
 from balsam_core.config import from_dict
+from tests.harness.sites import wait_for
 from tests.harness.slurm import SlurmCluster
 
 balsam_slurm = pytest.importorskip(
@@ -61,15 +62,6 @@ if sys.argv[1] == "sleep":
 sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else 0)
 """
 NASTY = ["a b", "$(id)", "it's", "*"]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 @pytest.fixture
