@@ -76,8 +76,11 @@ def requirements(task: Any) -> TaskRequirements:
     )
 
 
-def fitting(tasks: Sequence[Any], free: Sequence[NodeResources]) -> list[Any]:
-    """The tasks, in order, that fit into *free* together (first fit on a scratch copy).
+def fitting(
+    tasks: Sequence[Any], free: Sequence[NodeResources]
+) -> list[tuple[Any, TaskRequirements]]:
+    """The tasks, in order, that fit into *free* together (first fit on a scratch copy),
+    each with its requirements.
 
     The lease query only checks each task against the biggest free node; without this a
     launcher could hold tasks it has no room for while another launcher idles.  A node
@@ -104,7 +107,7 @@ def fitting(tasks: Sequence[Any], free: Sequence[NodeResources]) -> list[Any]:
             node[1] -= req.cpus_per_node
             node[2] -= req.gpus_per_node
             node[3] -= req.node_fraction
-        chosen.append(task)
+        chosen.append((task, req))
     return chosen
 
 
@@ -182,9 +185,10 @@ class DatabaseTaskSource:
             queries = self._lease_queries_of(launcher_id, info, s.get_bind().dialect.name)
             rows = [row for query in queries for row in s.connection().execute(query, params)]
             rows.sort(key=lambda row: row.id)
-            tasks = fitting(rows[:limit], free)
-            if not tasks:
+            chosen = fitting(rows[:limit], free)
+            if not chosen:
                 return []
+            tasks = [task for task, _ in chosen]
             tx.apply(
                 [c for t in tasks if t.state not in _RUNNABLE for c in skip(t.id, State(t.state))],
                 launcher_id=launcher_id, batch_job_id=info.batch_job_id,
@@ -195,7 +199,7 @@ class DatabaseTaskSource:
                 _LEASE,
                 [launcher_id, now + self.lease_s, info.batch_job_id, raw.ids(t.id for t in tasks)],
             )
-            return [self._leased(t) for t in tasks]
+            return [self._leased(task, req) for task, req in chosen]
 
     def _lease_queries_of(
         self, launcher_id: int, info: LauncherInfo, dialect: str
@@ -237,8 +241,8 @@ class DatabaseTaskSource:
         self._lease_queries[launcher_id] = queries
         return queries
 
-    def _leased(self, task: Any) -> LeasedTask:
-        """A row of ``LEASE_COLUMNS`` as what the launcher runs."""
+    def _leased(self, task: Any, req: TaskRequirements) -> LeasedTask:
+        """A row of ``LEASE_COLUMNS`` (with its requirements) as what the launcher runs."""
         argv = tuple(
             render_argv(task.app_command, task.parameters) if task.app_command is not None
             else task.command or ()
@@ -250,7 +254,7 @@ class DatabaseTaskSource:
             argv=argv,
             workdir=models.workdir_of(task),
             env=task_environment(task.app_environment, task.environment),
-            requirements=requirements(task),
+            requirements=req,
             state=State(task.state) if task.state in _RUNNABLE else State.PREPROCESSED,
             num_retries=task.num_retries,
             post_error_handler=task.post_error_handler,

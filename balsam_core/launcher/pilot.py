@@ -2,7 +2,7 @@
 
 The loop sleeps only in :meth:`ProcessGroup.wait`, which returns as soon as a task
 exits, a wall-time or kill deadline passes, a signal arrives, or the processing
-thread makes tasks runnable; a freed slot is refilled from the tasks leased ahead
+worker makes tasks runnable; a freed slot is refilled from the tasks leased ahead
 (``prefetch``) in the same tick, without a database round trip.  The loop never waits
 on the database: leases are taken by the :class:`~balsam_core.launcher.leasing.Leaser`
 thread, state changes go to the :class:`~balsam_core.launcher.reporter.Reporter`
