@@ -215,7 +215,7 @@ class Site:
                 taskspec.parse_argv(postprocess, where, "postprocess") if postprocess else None
             ),
             envscript=envscript,
-            environment=dict(environment or {}),
+            environment=taskspec.check_environment(environment, "environment", where),
             description=description,
         )
         with self.transaction() as tx:

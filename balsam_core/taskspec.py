@@ -51,6 +51,8 @@ def parse_argv(value: str | Sequence[str], where: str, what: str = "command") ->
         raise ValidationError(f"{where}: {what} must be a string or a list of strings")
     if not argv:
         raise ValidationError(f"{where}: {what} is empty")
+    if any("\0" in a for a in argv):
+        raise ValidationError(f"{where}: {what} {argv!r} holds a NUL byte")
     return argv
 
 
@@ -118,6 +120,17 @@ def _str_map(value: Any, key: str, where: str) -> dict[str, str]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
         raise ValidationError(f"{where}: {key} must be a table of name = value")
     return {k: str(v) for k, v in value.items()}
+
+
+def check_environment(value: Any, key: str, where: str) -> dict[str, str]:
+    """Environment variables (a table of name = value) a process can be given."""
+    env = _str_map(value, key, where)
+    for name, text in env.items():
+        if "=" in name or "\0" in name or "\0" in text:
+            raise ValidationError(
+                f"{where}: {key} {name!r}: names hold no '=' and no NUL byte, values no NUL byte"
+            )
+    return env
 
 
 def _str_list(value: Any, key: str, where: str) -> list[str]:
@@ -194,7 +207,7 @@ _CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "workdir": lambda v, k, w: None if v is None else check_relative_path(v, w, k),
     "wall_time_min": _wall_time,
     "max_retries": lambda v, k, w: None if v is None else _int(v, k, 0, w),
-    "environment": _str_map,
+    "environment": check_environment,
     "tags": _str_map,
     "mpi_flags": _str_list,
     "input_files": _str_list,

@@ -68,6 +68,11 @@ def test_app_lifecycle(site: Site) -> None:
             site.add_app("bad", bad)
     with pytest.raises(ValidationError):
         site.add_app("a/b", "echo")
+    # What no process could be given: a NUL byte, a variable name with '='.
+    with pytest.raises(ValidationError, match="app 'nul': command .* holds a NUL byte"):
+        site.add_app("nul", ["echo", "a\0b"])
+    with pytest.raises(ValidationError, match="app 'env': environment 'A=B': names hold no '='"):
+        site.add_app("env", "echo", environment={"A=B": "1"})
     with pytest.raises(NotFound, match=r"no app named 'nope' \(apps: analyze, sim\)"):
         site.app("nope")
     with pytest.raises(NotFound, match=r"no app named 'nope' \(apps: analyze, sim\)"):
@@ -98,6 +103,10 @@ def test_app_lifecycle(site: Site) -> None:
         site.add_task(command="echo", parameters={"a": 1})
     with pytest.raises(ValidationError, match="unknown task field 'nodes'"):
         site.add_task(command="echo", nodes=2)
+    with pytest.raises(ValidationError, match="new task: command .* holds a NUL byte"):
+        site.add_task(command=["echo", "a\0b"])
+    with pytest.raises(ValidationError, match="new task: environment 'X': .*values no NUL byte"):
+        site.add_task(command="echo", environment={"X": "a\0b"})
     assert snapshot(site) == before
     site.delete(tid)
     site.remove_app("sim")

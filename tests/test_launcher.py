@@ -67,12 +67,14 @@ def workdir(site: Site, task_id: int) -> Path:
 
 def test_every_kind_of_ending(sqlite_site: Site) -> None:
     site = sqlite_site
-    ok, code3, segv, missing = runnable(
+    site.add_app("echoer", ["echo", "{x}"])
+    ok, code3, segv, missing, nul = runnable(
         site,
         {"command": py("print('hello')"), "name": "ok"},
         {"command": py("import sys; print('bad', file=sys.stderr); sys.exit(3)"), "name": "code3"},
         {"command": py("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"), "name": "segv"},
         {"command": ["/nonexistent/program", "x"], "name": "missing"},
+        {"app": "echoer", "parameters": {"x": "a\0b"}, "name": "nul"},  # no argv can hold it
     )
     launcher = run(site)
     assert run_end(site, ok)[0] == "RUN_DONE"
@@ -83,12 +85,13 @@ def test_every_kind_of_ending(sqlite_site: Site) -> None:
     assert last(site, segv)[0] == "RUN_ERROR" and "SIGSEGV" in last(site, segv)[1]
     assert site.task(segv).return_code == -11
     assert last(site, missing) == ("RUN_ERROR", "executable not found: /nonexistent/program")
+    assert last(site, nul) == ("RUN_ERROR", "could not start: embedded null byte in 'a\\x00b'")
     assert [e.to_state for e in site.history(ok)][-4:] == [
         "RUNNING", "RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"
     ]
-    for task_id in (code3, segv, missing):
+    for task_id in (code3, segv, missing, nul):
         assert [e.to_state for e in site.history(task_id)][-2] == "RUNNING"
-    for task_id in (ok, code3, segv, missing):
+    for task_id in (ok, code3, segv, missing, nul):
         events = site.history(task_id)
         assert all(e.launcher_id == launcher.launcher_id for e in events[-2:])
         assert site.task(task_id).lease_launcher_id is None

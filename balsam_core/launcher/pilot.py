@@ -327,7 +327,7 @@ class Launcher:
             command = self.mpi.command(spec)
             wall = req.wall_time_min * 60 if req.wall_time_min > 0 else None
             self.procs.start(task.task_id, command.argv, command.env, workdir, wall)
-        except (OSError, BalsamError) as exc:
+        except (OSError, ValueError, BalsamError) as exc:  # ValueError: a NUL byte
             self.pool.release(task.task_id)
             reason = (
                 f"executable not found: {exc.filename}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import psutil
 
 from ..models import STDERR_FILE, STDOUT_FILE
 from .deathwatch import DeathWatch
-from .workdirs import OUTPUT_FLAGS
+from .spawn import Child, spawn
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Running:
     """A started task process."""
 
     task_id: int
-    popen: subprocess.Popen[bytes]
+    child: Child
     started: float
     #: Epoch seconds after which the task is out of wall time (None: no limit).
     deadline: float | None
@@ -124,28 +123,20 @@ class ProcessGroup:
         Raises OSError (e.g. FileNotFoundError for a missing executable) without
         leaving anything running.
         """
-        stdout = os.open(os.path.join(cwd, STDOUT_FILE), OUTPUT_FLAGS, 0o644)
-        try:
-            stderr = os.open(os.path.join(cwd, STDERR_FILE), OUTPUT_FLAGS, 0o644)
-            try:
-                now = time.time()
-                popen = subprocess.Popen(
-                    argv, cwd=cwd, env=env, stdin=self._devnull,
-                    stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
-                )
-            finally:
-                os.close(stderr)
-        finally:
-            os.close(stdout)
-        pidfd = os.pidfd_open(popen.pid)
+        now = time.time()
+        child = spawn(
+            argv, env, cwd, self._devnull,
+            os.path.join(cwd, STDOUT_FILE), os.path.join(cwd, STDERR_FILE),
+        )
+        pidfd = os.pidfd_open(child.pid)
         running = Running(
-            task_id, popen, now, now + wall_time_s if wall_time_s else None, cwd, pidfd
+            task_id, child, now, now + wall_time_s if wall_time_s else None, cwd, pidfd
         )
         self._running[task_id] = running
         self._pidfds[pidfd] = task_id
         self._epoll.register(pidfd, select.EPOLLIN)
         if self._deathwatch is not None:
-            self._deathwatch.started(popen.pid)  # its session id = its process group
+            self._deathwatch.started(child.pid)  # its session id = its process group
         return running
 
     def wait(self, timeout: float | None) -> list[Exited]:
@@ -178,7 +169,7 @@ class ProcessGroup:
         exited = []
         for task_id in list(self._running) if task_ids is None else task_ids:
             running = self._running[task_id]
-            code = running.popen.poll()
+            code = running.child.poll()
             if code is None:
                 continue
             self._forget(running)
@@ -203,8 +194,8 @@ class ProcessGroup:
         if running is None or running.ending is not None:
             return
         running.ending = reason
-        running.tree = _tree(running.popen.pid)
-        _signal_all(running.popen.pid, running.tree, signal.SIGTERM)
+        running.tree = _tree(running.child.pid)
+        _signal_all(running.child.pid, running.tree, signal.SIGTERM)
         running.kill_at = time.time() + (self.grace_s if grace_s is None else grace_s)
 
     def end_all(self, reason: str, timeout: float) -> list[Exited]:
@@ -227,7 +218,7 @@ class ProcessGroup:
         for running in self._running.values():
             if running.kill_at is not None and now >= running.kill_at:
                 running.tree = [p for p in running.tree if p.is_running()]
-                _signal_all(running.popen.pid, running.tree, signal.SIGKILL)
+                _signal_all(running.child.pid, running.tree, signal.SIGKILL)
                 running.kill_at = None
 
     def _next_deadline(self) -> float | None:
@@ -241,7 +232,7 @@ class ProcessGroup:
         self._epoll.unregister(running.pidfd)
         os.close(running.pidfd)
         if self._deathwatch is not None:
-            self._deathwatch.ended(running.popen.pid)
+            self._deathwatch.ended(running.child.pid)
 
     def close(self) -> None:
         if self._deathwatch is not None:
@@ -291,7 +282,7 @@ def _signal_all(pid: int, tree: Sequence[psutil.Process], sig: int) -> None:
 def _kill_leftovers(running: Running) -> None:
     """A task is over when its main process is: nothing it started may keep running."""
     try:
-        os.killpg(running.popen.pid, signal.SIGKILL)
+        os.killpg(running.child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     for proc in running.tree:

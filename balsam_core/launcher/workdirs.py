@@ -24,10 +24,7 @@ from pathlib import Path
 from ..errors import BalsamError
 from ..models import STDERR_FILE, STDOUT_FILE
 from ..processing.staging import inside
-
-#: How a task's output files are opened: appended to (a rerun adds to them), created if
-#: missing, never inherited by other children.
-OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+from .spawn import OUTPUT_FLAGS
 
 
 class Workdirs:
@@ -64,7 +61,7 @@ class Workdirs:
         """:meth:`prepare`, and create the task's output files."""
         path = self.prepare(workdir)
         for name in (STDOUT_FILE, STDERR_FILE):
-            os.close(os.open(os.path.join(path, name), OUTPUT_FLAGS, 0o644))
+            os.close(os.open(os.path.join(path, name), OUTPUT_FLAGS | os.O_CLOEXEC, 0o644))
 
     def _check(self, resolved: str, path: str) -> None:
         """Refuse *path* if *resolved* (itself or its parent) lies outside the roots."""
