@@ -15,9 +15,11 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, Table, create_engine, event, select
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.sqlite.base import SQLiteCompiler
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
@@ -107,6 +109,16 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+class _SqliteCompiler(SQLiteCompiler):
+    """SQLite's statement compiler, rendering the table hints that SQLAlchemy's drops
+    (``select(...).with_hint(Task, "INDEXED BY ix_name", "sqlite")``): SQLite keeps no
+    statistics, and a query that must go through a small partial index names it (see
+    :func:`balsam_core.fastforward.work_before_run`)."""
+
+    def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+        return text
+
+
 class Database:
     """One site database: engines, sessions, schema version checks."""
 
@@ -129,6 +141,7 @@ class Database:
                 self.url,
                 connect_args={"timeout": self.busy_timeout_s, "isolation_level": None},
             )
+            engine.dialect.statement_compiler = _SqliteCompiler
             timeout_ms = int(self.busy_timeout_s * 1000)
 
             @event.listens_for(engine, "connect")

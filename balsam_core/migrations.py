@@ -27,7 +27,7 @@ from sqlalchemy import Column, Connection, Float, ForeignKey, Index, Integer, Me
 from sqlalchemy import Table, Text
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _batch_job_history(conn: Connection) -> None:
@@ -53,5 +53,17 @@ def _batch_job_history(conn: Connection) -> None:
     events.create(conn)
 
 
+def _work_indexes(conn: Connection) -> None:
+    """Version 3: the partial indexes through which the processing worker finds tasks
+    with work before their run without reading the backlog of tasks that have none."""
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_task_staging ON task (state, id) "
+        "WHERE input_files != '[]' OR stage_in != '[]'"
+    )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_task_app_state ON task (app_id, state) WHERE app_id IS NOT NULL"
+    )
+
+
 #: ``MIGRATIONS[n]`` upgrades a version ``n-1`` database to version ``n``.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _batch_job_history}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _batch_job_history, 3: _work_indexes}

@@ -89,6 +89,12 @@ class App(Base):
     created: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+#: SQL: the task names files to stage in (its ``input_files`` or ``stage_in`` are not
+#: empty).  The partial index ``ix_task_staging`` holds exactly these tasks, and a query
+#: uses it only when it repeats this text.
+HAS_STAGING = "input_files != '[]' OR stage_in != '[]'"
+
+
 class Task(Base):
     """One run of a program, its resources, its place in the DAG, and its state."""
 
@@ -150,6 +156,16 @@ class Task(Base):
             "lease_launcher_id",
             sqlite_where=text("lease_launcher_id IS NOT NULL"),
             postgresql_where=text("lease_launcher_id IS NOT NULL"),
+        ),
+        # Partial: what the processing worker looks for among a backlog of tasks with
+        # nothing to do before their run (``fastforward.work_before_run``).
+        Index(
+            "ix_task_staging", "state", "id",
+            sqlite_where=text(HAS_STAGING), postgresql_where=text(HAS_STAGING),
+        ),
+        Index(
+            "ix_task_app_state", "app_id", "state",
+            sqlite_where=text("app_id IS NOT NULL"), postgresql_where=text("app_id IS NOT NULL"),
         ),
         Index(
             "ix_task_spawned_by",

@@ -99,6 +99,35 @@ class Statements:
         event.remove(self.engine, "before_cursor_execute", self._on)
 
 
+class SqliteSteps:
+    """Counts the SQLite virtual-machine instructions of the statements run meanwhile:
+    a measure of the rows a query reads that, unlike time, does not depend on the
+    machine."""
+
+    def __init__(self, site: Site) -> None:
+        self.engine = site.db.engine
+        self.count = 0
+        self._connections: list[object] = []
+
+    def _tick(self) -> int:
+        self.count += 100
+        return 0  # go on
+
+    def _on(self, conn: object, *args: object) -> None:
+        raw = conn.connection.driver_connection  # type: ignore[attr-defined]
+        raw.set_progress_handler(self._tick, 100)
+        self._connections.append(raw)
+
+    def __enter__(self) -> SqliteSteps:
+        event.listen(self.engine, "before_cursor_execute", self._on)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._on)
+        for raw in self._connections:
+            raw.set_progress_handler(None, 0)  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------- bulk paths
 
 
@@ -124,6 +153,39 @@ def test_fast_forward_in_bulk_takes_a_handful_of_statements(site: Site) -> None:
         with Statements(site) as sql:
             assert proc.process_once() == 0
         assert sql.count <= 2, sql.count
+
+
+@pytest.mark.parametrize("workflow", [None, "w"])
+def test_a_launchers_processor_does_not_read_the_backlog(
+    sqlite_site: Site, workflow: str | None
+) -> None:
+    """Inside a launcher, READY tasks with nothing to do are the task source's (it
+    fast-forwards them as it leases them): the processor's passes must find the few
+    tasks with work without reading the others, however many there are."""
+    site = sqlite_site
+    site.add_app("pre", ["./sim", "{x}"], preprocess=[PY, "-c", "pass"])
+
+    def pass_cost(backlog: int) -> int:
+        site.add_tasks([{"command": "./sim", "workflow": "w"}] * backlog)
+        with processor(site, workflow=workflow, forward_ready=False) as proc:
+            proc.process_once(wait=True)
+            assert proc.process_once() == 0  # idle: a probe
+            with SqliteSteps(site) as idle:
+                assert proc.process_once() == 0
+            staged, preprocessed = site.add_tasks([
+                {"command": "./sim", "workflow": "w", "input_files": ["*.dat"]},
+                {"app": "pre", "parameters": {"x": 1}, "workflow": "w"},
+            ])
+            with SqliteSteps(site) as busy:
+                proc.process_once(wait=True)
+            assert state(site, staged) is S.PREPROCESSED  # staged in, nothing to preprocess
+            assert state(site, preprocessed) is S.PREPROCESSED
+        return idle.count + busy.count
+
+    small = pass_cost(100)
+    large = pass_cost(5000)  # 5100 READY tasks now
+    assert large < small * 1.5, (small, large)
+    assert site.count()["READY"] == 5100
 
 
 def test_three_level_dag_completes(site: Site) -> None:
