@@ -91,6 +91,7 @@ def test_workdirs_are_made_inside_the_roots_only(tmp_path: Path) -> None:
     (made / "stdout").write_text("kept")
     assert workdirs.prepare("wf/task_1") == str(made)  # again: nothing changes
     workdirs.prepare_ahead("wf/task_1")
+    assert workdirs.prepare("wf/task_1") == str(made)
     assert (made / "stdout").read_text() == "kept"
 
     (data / "wf" / "link").symlink_to(outside)

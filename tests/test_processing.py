@@ -133,10 +133,12 @@ class SqliteSteps:
 
 def test_fast_forward_in_bulk_takes_a_handful_of_statements(site: Site) -> None:
     ids = site.add_tasks({"command": f"./sim {i}"} for i in range(1000))
+    # Whatever the number of tasks: a probe, one read per state and kind of step (10),
+    # and the writes.
     with processor(site, batch=1000) as proc:
         with Statements(site) as sql:
             assert proc.process_once() == 1000
-        assert sql.count <= 12, sql.count
+        assert sql.count <= 16, sql.count
         assert site.count() == {"PREPROCESSED": 1000}
         assert [e.message for e in site.history(ids[0])][1:] == [
             "nothing to stage in", "no preprocess step"
@@ -146,7 +148,7 @@ def test_fast_forward_in_bulk_takes_a_handful_of_statements(site: Site) -> None:
         run(site, ids)
         with Statements(site) as sql:
             assert proc.process_once() == 1000
-        assert sql.count <= 12, sql.count
+        assert sql.count <= 16, sql.count
         assert site.count() == {"JOB_FINISHED": 1000}
         assert proc.process_once() == 0
         # Idle passes only look (no write transaction).

@@ -129,7 +129,9 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
         self._procs: set[subprocess.Popen[bytes]] = set()
         self._procs_lock = threading.Lock()
         self._closed = False
-        self._idle = False
+        #: Nothing found last pass: the next looks first (a cheap read, and no claim
+        #: statements to compile in a process that may never need them).
+        self._idle = True
         self._next_renew = 0.0
         base = {k: v for k, v in os.environ.items() if k not in (TASK_ENV, ERROR_ENV, TIMEOUT_ENV)}
         base[SITE_ENV] = str(config.site_dir)
