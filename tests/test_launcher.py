@@ -18,7 +18,7 @@ import pytest
 
 from balsam_core.api import Site
 from balsam_core.launcher.nodes import local_nodes
-from balsam_core.launcher.pilot import Launcher, LauncherOptions
+from balsam_core.launcher.pilot import LEASE_AHEAD_S, MIN_AHEAD, Launcher, LauncherOptions
 from balsam_core.launcher.processes import Exited
 from balsam_core.models import Task
 from balsam_core.states import State
@@ -96,6 +96,22 @@ def test_every_kind_of_ending(sqlite_site: Site) -> None:
         assert all(e.launcher_id == launcher.launcher_id for e in events[-2:])
         assert site.task(task_id).lease_launcher_id is None
     assert launcher.stop_reason == "idle timeout"
+
+
+def test_tasks_leased_ahead_follow_the_start_rate(sqlite_site: Site) -> None:
+    """Many short tasks: large leases (cheaper per task); long ones: few leased ahead
+    (another launcher sharing the backlog gets its share)."""
+    launcher = Launcher(
+        sqlite_site, LauncherOptions(nodes=local_nodes(1, 4, 0), prefetch=300), processing=False
+    )
+    start = launcher._rate_mark[1]
+    assert launcher._ahead(start) == MIN_AHEAD  # no rate yet
+    launcher.stats.started = 400  # 800 starts/s
+    assert launcher._ahead(start + 0.5) == int(800 * LEASE_AHEAD_S)
+    launcher.stats.started = 2400  # 4000 starts/s: capped
+    assert launcher._ahead(start + 1.0) == 300
+    launcher.stats.started = 2410  # a start per second
+    assert launcher._ahead(start + 11.0) == MIN_AHEAD
 
 
 def test_wall_time_ends_a_task_that_ignores_sigterm(sqlite_site: Site) -> None:

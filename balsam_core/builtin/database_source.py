@@ -13,6 +13,7 @@ transaction, and a RUN_DONE report takes it on to JOB_FINISHED in the report's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -89,10 +90,13 @@ def fitting(
     """
     left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in free]
     chosen = []
+    first = 0  # the nodes before it have no CPU left (first fit fills them in order)
     for task in tasks:
         req = requirements(task)
+        while first < len(left) and left[first][1] <= 0:
+            first += 1
         room: dict[str, list] = {}
-        for node in left:
+        for node in itertools.islice(left, first, None):
             if (
                 node[1] >= req.cpus_per_node
                 and node[2] >= req.gpus_per_node

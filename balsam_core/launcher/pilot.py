@@ -66,6 +66,14 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
 STOP_CHECK_S = 0.5
 #: ``Launcher._lease_until`` of a launcher whose leases may have been reclaimed.
 LOST = float("-inf")
+#: Tasks leased ahead cover this many seconds of starts at the recent start rate: a
+#: lease of many short tasks costs less per task than many small leases, while long
+#: tasks are not hoarded by one launcher when several share a backlog.
+LEASE_AHEAD_S = 0.25
+#: Fewest tasks leased ahead (while the start rate is unknown or low).
+MIN_AHEAD = 16
+#: Seconds over which the start rate is measured.
+RATE_WINDOW_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,10 @@ class LauncherOptions:
     #: Pause between processing passes while there is work: larger batches, and the
     #: hot loop keeps the interpreter to itself in between.
     process_s: float = 0.1
-    #: Runnable tasks leased ahead of free slots, so a freed slot is refilled at once.
-    prefetch: int = 64
+    #: Most runnable tasks leased ahead of free slots, so a freed slot is refilled at
+    #: once (0: lease only for free slots).  The launcher leases ahead what it starts
+    #: in ``LEASE_AHEAD_S`` at its recent rate, at least ``MIN_AHEAD``.
+    prefetch: int = 512
     #: Stop starting tasks this long before the allocation ends.
     margin_s: float = 5.0
     #: Stop (as on SIGTERM) once this file exists; checked every ``STOP_CHECK_S``.
@@ -147,6 +157,9 @@ class Launcher:
         self._lease_until = float("inf")
         #: Seconds to the next database retry while it is unreachable (0: reachable).
         self._db_backoff = 0.0
+        #: Tasks started per second lately, and (tasks started, time) when last measured.
+        self._start_rate = 0.0
+        self._rate_mark = (0, time.time())
 
     # ------------------------------------------------------------------ control
 
@@ -265,19 +278,29 @@ class Launcher:
 
     def _wants_lease(self, now: float) -> bool:
         """Should the queue be topped up?  With ``prefetch``, once it holds fewer tasks
-        than the slots plus half the prefetch (busy nodes or not: the lease is ahead of
-        need); without, only while there is free room."""
+        than the slots plus half the tasks to lease ahead (busy nodes or not: the lease
+        is ahead of need); without, only while there is free room."""
         if now >= self._lease_deadline():
             return False
         if self.options.prefetch:
-            return len(self.queue) < self._slots() + self.options.prefetch // 2
+            return len(self.queue) < self._slots() + self._ahead(now) // 2
         return len(self.queue) < self._slots() and self.pool.has_room()
 
+    def _ahead(self, now: float) -> int:
+        """Tasks to lease beyond the free slots: what the loop starts in
+        ``LEASE_AHEAD_S`` at its recent rate, between ``MIN_AHEAD`` and ``prefetch``."""
+        started, since = self._rate_mark
+        if now - since >= RATE_WINDOW_S:
+            self._start_rate = (self.stats.started - started) / (now - since)
+            self._rate_mark = (self.stats.started, now)
+        wanted = max(MIN_AHEAD, int(self._start_rate * LEASE_AHEAD_S))
+        return min(self.options.prefetch, wanted)
+
     def _request_lease(self, ahead: bool = True) -> None:
-        """Ask the leaser for tasks that fit the free room, and with *ahead* for
-        ``prefetch`` more (the first lease does not: it is the first starts' wait)."""
+        """Ask the leaser for tasks that fit the free room, and with *ahead* for more
+        (:meth:`_ahead`; the first lease does not: it is the first starts' wait)."""
         free = self.pool.free()
-        prefetch = self.options.prefetch if ahead else 0
+        prefetch = self._ahead(time.time()) if ahead and self.options.prefetch else 0
         if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
