@@ -45,7 +45,8 @@ def test_output_goes_to_the_files_in_the_working_directory(start: Spawn, tmp_pat
     child = start(["sh", "-c", 'pwd; echo "$GREETING"; echo oops >&2; read x; echo "[$x]"'],
                   {"PATH": os.environ["PATH"], "GREETING": "héllo"})
     assert child.poll() == 0
-    assert (tmp_path / "out").read_text() == f"earlier\n{tmp_path}\nhéllo\n[]\n"  # appended; stdin empty
+    # Appended to; stdin is empty.
+    assert (tmp_path / "out").read_text() == f"earlier\n{tmp_path}\nhéllo\n[]\n"
     assert (tmp_path / "err").read_text() == "oops\n"
 
 
@@ -60,7 +61,8 @@ def test_the_child_has_its_own_session_default_signals_and_no_inherited_descript
     leaky = os.open(tmp_path / "leak", os.O_WRONLY | os.O_CREAT)  # inheritable on purpose
     os.set_inheritable(leaky, True)
     try:
-        start(["sh", "-c", "cut -d' ' -f6 /proc/$$/stat; ls /proc/$$/fd; grep SigIgn /proc/$$/status"])
+        start(["sh", "-c",
+               "cut -d' ' -f6 /proc/$$/stat; ls /proc/$$/fd; grep SigIgn /proc/$$/status"])
     finally:
         os.close(leaky)
     sid, *fds, ignored = (tmp_path / "out").read_text().splitlines()
@@ -78,7 +80,8 @@ def test_the_executable_is_found_on_the_path_of_the_tasks_environment(
     tool.write_text("#!/bin/sh\necho found\n")
     tool.chmod(0o755)
     assert start(["only-here"], {"PATH": f"/nonexistent:{bindir}:/usr/bin:/bin"}).poll() == 0
-    assert (tmp_path / "out").read_text() == "found\n"
+    assert start(["only-here"], {"PATH": "bin:/usr/bin:/bin"}).poll() == 0  # in the workdir
+    assert (tmp_path / "out").read_text() == "found\nfound\n"
     with pytest.raises(FileNotFoundError) as missing:
         start(["only-here"], {"PATH": "/usr/bin:/bin"})
     assert missing.value.filename == "only-here"

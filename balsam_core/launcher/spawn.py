@@ -102,7 +102,8 @@ class _Libc:
             _check(lib.sigaddset(sigdef, int(sig)))
         _check(lib.posix_spawnattr_init(self.attr))
         _check(lib.posix_spawnattr_setsigdefault(self.attr, sigdef))
-        _check(lib.posix_spawnattr_setflags(self.attr, ctypes.c_short(self.SETSID | self.SETSIGDEF)))
+        flags = ctypes.c_short(self.SETSID | self.SETSIGDEF)
+        _check(lib.posix_spawnattr_setflags(self.attr, flags))
 
 
 def _check(rc: int) -> None:
@@ -111,7 +112,8 @@ def _check(rc: int) -> None:
 
 
 def _load_libc() -> _Libc | None:
-    version = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
+    name = "CS_GNU_LIBC_VERSION"
+    version = os.confstr(name) if name in os.confstr_names else None
     if not version or not version.startswith("glibc "):
         return None
     try:
@@ -226,11 +228,13 @@ def _executable(name: bytes, env: Mapping[str, str], cwd: str) -> bytes:
     found = _EXECUTABLES.get((name, search))
     if found is not None:
         return found
-    for directory in search.split(os.pathsep):
-        candidate = os.path.join(os.path.join(cwd, directory) if directory else cwd, os.fsdecode(name))
+    directories = search.split(os.pathsep)
+    for directory in directories:
+        where = os.path.join(cwd, directory) if directory else cwd
+        candidate = os.path.join(where, os.fsdecode(name))
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             found = _encode(candidate)
-            if os.path.isabs(directory):  # relative entries depend on the directory
+            if all(os.path.isabs(d) for d in directories):  # else it depends on cwd
                 _EXECUTABLES[(name, search)] = found
             return found
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(name))
