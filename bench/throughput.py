@@ -5,7 +5,8 @@
 
 (a) baseline: a Python pool keeping K ``/bin/true`` processes running until N ran;
 (b) Balsam: the same N tasks committed READY in a fresh SQLite site, run by the
-launcher (hot loop + processing thread, provenance on) until all are JOB_FINISHED.
+launcher (hot loop, leasing and reporting threads, processing worker; provenance on)
+until all are JOB_FINISHED.
 Prints one JSON object per measurement (stdout) with both rates and their ratio.
 Second workload: N x ``sleep 0.05`` on K slots, wall time against the ideal.
 Each measurement runs ``--repeat`` times, alternating with its baseline, and medians
