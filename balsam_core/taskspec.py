@@ -280,6 +280,8 @@ def normalize_task(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
                 raise ValidationError(f"{where}: command {command!r}: {exc}") from None
             if not row["command"]:
                 raise ValidationError(f"{where}: command is empty")
+            if "\0" in command:
+                raise ValidationError(f"{where}: command {command!r} holds a NUL byte")
         else:
             row["command"] = parse_argv(command, where)
         if row["parameters"]:

@@ -103,8 +103,9 @@ def test_app_lifecycle(site: Site) -> None:
         site.add_task(command="echo", parameters={"a": 1})
     with pytest.raises(ValidationError, match="unknown task field 'nodes'"):
         site.add_task(command="echo", nodes=2)
-    with pytest.raises(ValidationError, match="new task: command .* holds a NUL byte"):
-        site.add_task(command=["echo", "a\0b"])
+    for command in (["echo", "a\0b"], "echo a\0b"):
+        with pytest.raises(ValidationError, match="new task: command .* holds a NUL byte"):
+            site.add_task(command=command)
     with pytest.raises(ValidationError, match="new task: environment 'X': .*values no NUL byte"):
         site.add_task(command="echo", environment={"X": "a\0b"})
     assert snapshot(site) == before
