@@ -7,8 +7,9 @@ For each launcher count n: a throw-away PostgreSQL server (tests/harness/postgre
 one database per run), a site with ``cpus_per_node = --slots``; n real ``balsam
 launcher`` processes start on the empty site and register; then ``n x
 --tasks-per-launcher`` tasks ``sleep --sleep`` (each a 1/--slots share of a node) are
-committed runnable (PREPROCESSED) in one transaction, and the clock runs from that
-commit to the last JOB_FINISHED event.  ``sleep`` tasks with many slots keep the CPU
+committed READY in one transaction (nothing to stage or preprocess: the launchers'
+leases move them on), and the clock runs from that commit to the last JOB_FINISHED
+event.  ``sleep`` tasks with many slots keep the CPU
 mostly idle, so the figure is the coordination (lease, start, report, postprocess
 fast-forward, on one database) rather than this 2-core machine's fork rate; the ideal
 is ``n x slots / sleep`` tasks/s.  Afterwards every task must have exactly one run
@@ -39,8 +40,6 @@ from sqlalchemy import func, select  # noqa: E402
 
 from balsam_core.api import Site  # noqa: E402
 from balsam_core.models import Launcher, Task, TaskEvent  # noqa: E402
-from balsam_core.states import State  # noqa: E402
-from balsam_core.transitions import Change  # noqa: E402
 from tests.harness.postgres import PostgresServer  # noqa: E402
 from tests.harness.sites import set_config  # noqa: E402
 
@@ -75,11 +74,12 @@ def run(server: PostgresServer, root: Path, n: int, args: argparse.Namespace) ->
             time.sleep(0.1)
         time.sleep(1.0)  # let them reach their idle loop (imports, processing worker)
         tasks = n * args.tasks_per_launcher
-        ids = site.add_tasks(
+        # READY, in one transaction: with nothing to stage or preprocess, the launchers'
+        # leases take them straight on (moving them runnable in a second transaction
+        # raced with those leases).
+        site.add_tasks(
             [{"command": ["sleep", str(args.sleep)], "node_packing_count": args.slots}] * tasks
         )
-        with site.transaction() as tx:
-            tx.apply([Change(i, s) for i in ids for s in (State.STAGED_IN, State.PREPROCESSED)])
         started = time.time()
         print(f"{n} launcher(s): {tasks} x sleep {args.sleep} on {n} x {args.slots} slots",
               file=sys.stderr)
