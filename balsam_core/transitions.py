@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

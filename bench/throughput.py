@@ -39,7 +39,8 @@ from sqlalchemy import func, select  # noqa: E402
 from balsam_core.api import Site  # noqa: E402
 from balsam_core.launcher.nodes import local_nodes  # noqa: E402
 from balsam_core.launcher.pilot import Launcher, LauncherOptions  # noqa: E402
-from balsam_core.models import STDERR_FILE, STDOUT_FILE, TaskEvent  # noqa: E402
+from balsam_core.launcher.workdirs import Workdirs  # noqa: E402
+from balsam_core.models import TaskEvent  # noqa: E402
 
 
 def popen_pool(argv: list[str], tasks: int, slots: int) -> float:
@@ -67,16 +68,14 @@ def cpu_times() -> tuple[int, int]:
 
 
 def fs_cost_ms(root: Path, tasks: int = 300) -> float:
-    """Milliseconds per task for what Balsam's file work amounts to on *root*'s file
-    system: one directory and two empty files in it."""
+    """Milliseconds per task for Balsam's file work on *root*'s file system: the
+    launcher's own preparation of a working directory with its two output files."""
     scratch = Path(tempfile.mkdtemp(prefix="fs-probe-", dir=root))
     try:
+        workdirs = Workdirs(scratch, [scratch])
         started = time.perf_counter()
         for i in range(tasks):
-            workdir = scratch / f"task_{i}"
-            workdir.mkdir()
-            for name in (STDOUT_FILE, STDERR_FILE):
-                os.close(os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+            workdirs.prepare_ahead(f"wf/task_{i}")
         return (time.perf_counter() - started) / tasks * 1000
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

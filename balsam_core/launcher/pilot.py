@@ -29,11 +29,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import not_, select
+from sqlalchemy import select
 
 from ..api import Site, filter_tasks
+from ..db import indexed_by
 from ..errors import BalsamError, DatabaseError
-from ..fastforward import leasable, nothing_to_do
+from ..fastforward import leasable, work_before_run
 from ..models import App, Task
 from ..plugin_types import (
     LauncherInfo,
@@ -195,7 +196,7 @@ class Launcher:
         )
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
-        self._request_lease(ahead=False)
+        self._request_lease(time.time(), ahead=False)
         # The first heartbeat (which also reclaims what dead launchers left behind)
         # follows the first lease: both take the write lock, and the first starts wait
         # for the lease.
@@ -235,7 +236,7 @@ class Launcher:
                 updates += self._start_placed(now)
                 wants_lease = self._wants_lease(now)
                 if wants_lease and now >= next_poll:
-                    self._request_lease()  # after the starts: it leases for what is free
+                    self._request_lease(now)  # after the starts: it leases for what is free
                 self.reporter.add(updates, urgent=not len(self.procs))
                 updates = []
                 if (
@@ -296,11 +297,11 @@ class Launcher:
         wanted = max(MIN_AHEAD, int(self._start_rate * LEASE_AHEAD_S))
         return min(self.options.prefetch, wanted)
 
-    def _request_lease(self, ahead: bool = True) -> None:
+    def _request_lease(self, now: float, ahead: bool = True) -> None:
         """Ask the leaser for tasks that fit the free room, and with *ahead* for more
         (:meth:`_ahead`; the first lease does not: it is the first starts' wait)."""
         free = self.pool.free()
-        prefetch = self._ahead(time.time()) if ahead and self.options.prefetch else 0
+        prefetch = self._ahead(now) if ahead and self.options.prefetch else 0
         if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
@@ -493,13 +494,15 @@ class Launcher:
 
     def _work_coming(self) -> bool:
         """Are tasks this launcher could run being prepared (stage-in, preprocess)?"""
-        query = filter_tasks(
-            select(Task.id).outerjoin(App, App.id == Task.app_id),
-            state=[State.READY, State.STAGED_IN], workflow=self.options.workflow,
-            tags=dict(self.options.tags) or None,
-        ).where(Task.num_nodes <= len(self.options.nodes), not_(nothing_to_do()))
         with self.site.db.session() as s:
-            return s.scalars(query.limit(1)).first() is not None
+            for where, index in work_before_run():
+                query = filter_tasks(
+                    select(Task.id).where(where, Task.num_nodes <= len(self.options.nodes)),
+                    workflow=self.options.workflow, tags=dict(self.options.tags) or None,
+                )
+                if s.scalars(indexed_by(query, index).limit(1)).first() is not None:
+                    return True
+        return False
 
     def _warn_unrunnable(self) -> None:
         """Say which runnable tasks were left because they never fit this allocation."""

@@ -55,6 +55,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, not_, or_, select, union_all, update
 
 from ..api import TASK_ENV, Site, filter_tasks
+from ..db import indexed_by
 from ..fastforward import nothing_to_do_in, skip, work_before_run
 from ..models import App, Task
 from ..plugin_types import RecoveryPolicy
@@ -247,7 +248,7 @@ class TransitionProcessor(_Recovery, _Steps, _Staging):
             .limit(limit)
         )
         if index is not None:
-            query = query.with_hint(Task, f"INDEXED BY {index}", "sqlite")
+            query = indexed_by(query, index)
         return filter_tasks(query, workflow=self.workflow, tags=self.tags)
 
     def _claim(
