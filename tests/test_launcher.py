@@ -114,6 +114,25 @@ def test_tasks_leased_ahead_follow_the_start_rate(sqlite_site: Site) -> None:
     assert launcher._ahead(start + 11.0) == MIN_AHEAD
 
 
+def test_an_idle_launcher_without_a_worker_sees_work_being_prepared(sqlite_site: Site) -> None:
+    """Tasks with a stage-in or a preprocess step (another launcher's worker does them)
+    keep a launcher without processing from its idle timeout; those of other
+    workflows, or with nothing to do, do not."""
+    site = sqlite_site
+
+    def coming(**options: object) -> bool:
+        nodes = local_nodes(1, 2, 0)
+        return Launcher(site, LauncherOptions(nodes=nodes, **options), processing=False)._work_coming()
+
+    site.add_tasks([{"command": "true"}] * 3)
+    assert not coming()
+    site.add_tasks([{"command": "true", "input_files": ["*.x"], "workflow": "w"}])
+    assert coming() and coming(workflow="w") and not coming(workflow="v")
+    site.add_app("pre", ["true"], preprocess="true")
+    site.add_tasks([{"app": "pre", "workflow": "v"}])
+    assert coming(workflow="v")
+
+
 def test_wall_time_ends_a_task_that_ignores_sigterm(sqlite_site: Site) -> None:
     site = sqlite_site
     (stubborn,) = runnable(
