@@ -36,7 +36,11 @@ class DeathWatch:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self._memory = mmap.mmap(-1, 4 * capacity)  # MAP_SHARED: the watchdog sees it
         self._table = memoryview(self._memory).cast("i")
-        self._free = list(range(capacity - 1, -1, -1))
+        #: Slots freed by reaped tasks, reused first; slots from ``_unused`` on were never
+        #: taken (a list of every slot up front cost milliseconds of the launcher's start).
+        self._free: list[int] = []
+        self._unused = 0
+        self._capacity = capacity
         self._slot_of: dict[int, int] = {}
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
@@ -46,10 +50,13 @@ class DeathWatch:
         os.close(read_end)
 
     def started(self, pgid: int) -> None:
-        if not self._free:
+        if self._free:
+            slot = self._free.pop()
+        elif self._unused < self._capacity:
+            slot, self._unused = self._unused, self._unused + 1
+        else:
             log.warning("task watchdog full: process group %d is not guarded", pgid)
             return
-        slot = self._free.pop()
         self._table[slot] = pgid
         self._slot_of[pgid] = slot
 
