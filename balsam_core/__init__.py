@@ -83,7 +83,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
     from .fastforward import (
-        FAST_FORWARD, LEASED_FROM, leasable, nothing_after_run, nothing_to_do, skip,
+        FAST_FORWARD, LEASED_FROM, leasable, leasable_sql, nothing_after_run, nothing_to_do,
+        skip,
     )
     from .rawsql import RawSql
     from .transitions import Change
@@ -99,6 +100,7 @@ _LAZY = {
     "nothing_to_do": ("fastforward", "nothing_to_do"),
     "nothing_after_run": ("fastforward", "nothing_after_run"),
     "leasable": ("fastforward", "leasable"),
+    "leasable_sql": ("fastforward", "leasable_sql"),
     "skip": ("fastforward", "skip"),
     "RawSql": ("rawsql", "RawSql"),
 }
@@ -167,6 +169,7 @@ __all__ = [
     "ValidationError",
     "hookimpl",
     "leasable",
+    "leasable_sql",
     "models",
     "nothing_after_run",
     "nothing_to_do",

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Text, and_, literal_column, or_, select, text, type_coerce
+from sqlalchemy import Boolean, and_, literal_column, or_, select, text
 
 from .models import HAS_STAGING, App, Task
 from .states import RUNNABLE, State
@@ -39,32 +39,39 @@ def skip(task_id: int, state: State) -> list[Change]:
     return [Change(task_id, to, reason) for to, reason in FAST_FORWARD[state]]
 
 
-def _empty(col: Any) -> Any:
-    """SQL: a JSON list column is empty (NULL or ``'[]'``)."""
-    return or_(col.is_(None), type_coerce(col, Text) == "[]")
+#: SQL on ``task`` joined with its ``app``, by part of a task's life: nothing to do in
+#: it.  The one spelling of these conditions: SQLAlchemy queries wrap them in ``text()``
+#: (:func:`nothing_to_do_in`), the launcher's lease statement uses them as they are.  A
+#: NULL JSON list counts as empty.
+NO_STAGE_IN = (
+    "(task.input_files IS NULL OR task.input_files = '[]')"
+    " AND (task.stage_in IS NULL OR task.stage_in = '[]')"
+)
+NO_PREPROCESS = "app.preprocess IS NULL"
+NO_POSTPROCESS = "app.postprocess IS NULL"
+NO_STAGE_OUT = "(task.stage_out IS NULL OR task.stage_out = '[]')"
+
+#: SQL (as above): a task in the state has nothing to do in it.
+NOTHING_TO_DO_SQL: Mapping[State, str] = {
+    S.READY: f"{NO_STAGE_IN} AND {NO_PREPROCESS}",
+    S.STAGED_IN: NO_PREPROCESS,
+    S.RUN_DONE: f"{NO_POSTPROCESS} AND {NO_STAGE_OUT}",
+    S.POSTPROCESSED: NO_STAGE_OUT,
+}
 
 
 @functools.lru_cache(maxsize=1)
 def nothing_after_run() -> Any:
     """SQL: no postprocess step and nothing to stage out (a query joining Task with its
     App): a clean run of the task is its end."""
-    return and_(App.postprocess.is_(None), _empty(Task.stage_out))
+    return literal_column(f"({NOTHING_TO_DO_SQL[S.RUN_DONE]})", Boolean)
 
 
 @functools.lru_cache(maxsize=None)
 def nothing_to_do_in(state: State) -> Any:
     """SQL: the task is in *state* (a key of :data:`FAST_FORWARD`) and has nothing to do
     in it (a query joining Task with its App)."""
-    in_state = Task.state == state.value
-    if state is S.READY:
-        return and_(
-            in_state, _empty(Task.input_files), _empty(Task.stage_in), App.preprocess.is_(None)
-        )
-    if state is S.STAGED_IN:
-        return and_(in_state, App.preprocess.is_(None))
-    if state is S.RUN_DONE:
-        return and_(in_state, nothing_after_run())
-    return and_(in_state, _empty(Task.stage_out))  # POSTPROCESSED
+    return and_(Task.state == state.value, text(f"({NOTHING_TO_DO_SQL[state]})"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,8 +110,12 @@ def leasable(state: State | None = None) -> Any:
     (one of :data:`LEASED_FROM`): the task is in that state and may be leased."""
     if state is None:
         return or_(*(leasable(s) for s in LEASED_FROM))
-    if state in RUNNABLE:
-        # The state inline, not bound: statements differing only in it would share one
-        # compiled form, and SQLAlchemy then re-maps the result columns on every run.
-        return Task.state == literal_column(f"'{state.value}'")
-    return nothing_to_do_in(state)
+    return text(leasable_sql(state))
+
+
+def leasable_sql(state: State) -> str:
+    """SQL text on ``task`` joined with its ``app``: the task is in *state* (one of
+    :data:`LEASED_FROM`, written inline) and may be leased to run."""
+    in_state = f"task.state = '{state.value}'"
+    todo = NOTHING_TO_DO_SQL.get(state) if state not in RUNNABLE else None
+    return f"({in_state} AND {todo})" if todo else f"({in_state})"

@@ -51,13 +51,18 @@ class JSON(TypeDecorator[Any]):
         return dump_json(value)
 
     def process_result_value(self, value: str | None, dialect: Any) -> Any:
-        if value is None:
-            return None
-        empty = _EMPTY_JSON.get(value)  # most values: decoding them dominated reading rows
-        return empty() if empty is not None else json.loads(value)
+        return load_json(value)
 
 
 _EMPTY_JSON = {"[]": list, "{}": dict}
+
+
+def load_json(value: str | None) -> Any:
+    """A :class:`JSON` column's value from its stored text (rows read without SQLAlchemy)."""
+    if value is None:
+        return None
+    empty = _EMPTY_JSON.get(value)  # most values: decoding them dominated reading rows
+    return empty() if empty is not None else json.loads(value)
 
 
 class Base(DeclarativeBase):

@@ -13,13 +13,15 @@ transaction, and a RUN_DONE report takes it on to JOB_FINISHED in the report's.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -37,7 +39,7 @@ from balsam_core import (
     TaskSourcePlugin,
     hookimpl,
     is_allowed,
-    leasable,
+    leasable_sql,
     models,
     nothing_after_run,
     render_argv,
@@ -45,20 +47,48 @@ from balsam_core import (
     task_environment,
 )
 
-Task, TaskTag, Launcher, App = models.Task, models.TaskTag, models.Launcher, models.App
+Task, Launcher, App = models.Task, models.Launcher, models.App
+load_json = models.load_json
 log = logging.getLogger(__name__)
 
 _RUNNABLE = frozenset(s.value for s in RUNNABLE)
 
 
-#: The columns a lease reads: what a launcher needs to place and start a task.
-LEASE_COLUMNS = (
-    Task.id, Task.name, Task.workflow, Task.workdir, Task.state, Task.state_time,
-    Task.command, Task.parameters, Task.environment, Task.num_nodes, Task.ranks_per_node,
-    Task.threads_per_rank, Task.gpus_per_rank, Task.node_packing_count, Task.wall_time_min,
-    Task.num_retries, Task.post_error_handler, Task.post_timeout_handler,
-    Task.auto_timeout_retry, Task.mpi_flags,
-    App.command.label("app_command"), App.environment.label("app_environment"),
+#: What a lease reads of each task (``task`` joined with its ``app``), as the fields of
+#: :class:`_LeaseRow`: what a launcher needs to place and start the task.
+_LEASE_FIELDS = {
+    "id": "task.id", "name": "task.name", "workflow": "task.workflow",
+    "workdir": "task.workdir", "state": "task.state", "state_time": "task.state_time",
+    "command": "task.command", "parameters": "task.parameters",
+    "environment": "task.environment", "num_nodes": "task.num_nodes",
+    "ranks_per_node": "task.ranks_per_node", "threads_per_rank": "task.threads_per_rank",
+    "gpus_per_rank": "task.gpus_per_rank", "node_packing_count": "task.node_packing_count",
+    "wall_time_min": "task.wall_time_min", "num_retries": "task.num_retries",
+    "post_error_handler": "task.post_error_handler",
+    "post_timeout_handler": "task.post_timeout_handler",
+    "auto_timeout_retry": "task.auto_timeout_retry", "mpi_flags": "task.mpi_flags",
+    "app_command": "app.command", "app_environment": "app.environment",
+}
+_LeaseRow = collections.namedtuple("_LeaseRow", list(_LEASE_FIELDS))  # type: ignore[misc]
+
+#: The lease query for one leasable state (a raw statement: see balsam_core.rawsql;
+#: SQLAlchemy's compilation of four such queries was most of a launcher's first lease).
+#: Parameters: now, whole free nodes, most free CPUs and GPUs on a node, the filters'
+#: values, limit.  With ``state = '...'`` inline, the (state, id) index yields rows
+#: oldest first: a lease reads about ``limit`` rows of each state, whatever the backlog.
+_LEASE_SELECT = (
+    "SELECT " + ", ".join(_LEASE_FIELDS.values())
+    + " FROM task LEFT OUTER JOIN app ON app.id = task.app_id WHERE {leasable}"
+    " AND (task.lease_launcher_id IS NULL OR task.lease_expires < ?)"
+    " AND (task.num_nodes = 1 OR task.num_nodes <= ?)"
+    " AND task.ranks_per_node * task.threads_per_rank <= ?"
+    " AND task.ranks_per_node * task.gpus_per_rank <= ?{filters}"
+    " ORDER BY task.id LIMIT ?{lock}"
+)
+_WORKFLOW_FILTER = " AND task.workflow = ?"
+_TAG_FILTER = (
+    " AND EXISTS (SELECT 1 FROM task_tag WHERE task_tag.task_id = task.id"
+    " AND task_tag.key = ? AND task_tag.value = ?)"
 )
 
 
@@ -131,6 +161,13 @@ _LEASE = "UPDATE task SET lease_launcher_id = ?, lease_expires = ?, batch_job_id
 _UNLEASE_ENDED = (
     "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids} AND state <> ?"
 )
+#: A launcher's heartbeat: its row, its leases renewed, and its tasks killed meanwhile.
+_HEARTBEAT = "UPDATE launcher SET heartbeat = ? WHERE id = ?"
+_RENEW = "UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ?"
+_KILLED = "SELECT id FROM task WHERE lease_launcher_id = ? AND state = ?"
+_ANY_EXPIRED = (
+    "SELECT id FROM task WHERE lease_launcher_id IS NOT NULL AND lease_expires < ? LIMIT 1"
+)
 
 
 class DatabaseTaskSource:
@@ -140,7 +177,7 @@ class DatabaseTaskSource:
         self.site = site
         self.lease_s = site.config.launcher.lease_s
         self._infos: dict[int, LauncherInfo] = {}
-        self._lease_queries: dict[int, Any] = {}
+        self._lease_statements_of: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     @classmethod
     def from_context(cls, context: PluginContext) -> DatabaseTaskSource:
@@ -149,14 +186,16 @@ class DatabaseTaskSource:
     def register(self, info: LauncherInfo) -> int:
         now = time.time()
         with self.site.db.session(write=True) as s:
-            launcher = Launcher(
-                host=info.host, pid=info.pid, mode=info.mode, batch_job_id=info.batch_job_id,
-                workflow=info.workflow, tags=dict(info.tags), started=now, heartbeat=now,
-            )
-            s.add(launcher)
-            s.flush()
-            self._infos[launcher.id] = info
-            return launcher.id
+            # A Core insert: the ORM's unit of work cost milliseconds of the launcher's start.
+            (launcher_id,) = s.execute(
+                insert(Launcher).values(
+                    host=info.host, pid=info.pid, mode=info.mode,
+                    batch_job_id=info.batch_job_id, workflow=info.workflow,
+                    tags=dict(info.tags), started=now, heartbeat=now,
+                )
+            ).inserted_primary_key
+            self._infos[launcher_id] = info
+            return launcher_id
 
     def _info(self, launcher_id: int) -> LauncherInfo:
         """The launcher's filters and batch job (from its row if another instance registered it)."""
@@ -179,16 +218,18 @@ class DatabaseTaskSource:
             return []
         now = time.time()
         info = self._info(launcher_id)
-        params = {
-            "now": now, "limit": limit, "idle": len({n.name for n in free if n.idle}),
-            "max_cpus": max(n.cpus for n in free),
-            "max_gpus": max(len(n.gpu_ids) for n in free),
-        }
+        idle = len({n.name for n in free if n.idle})
+        max_cpus = max(n.cpus for n in free)
+        max_gpus = max(len(n.gpu_ids) for n in free)
         with self.site.transaction() as tx:
-            s = tx.session
-            queries = self._lease_queries_of(launcher_id, info, s.get_bind().dialect.name)
-            rows = [row for query in queries for row in s.connection().execute(query, params)]
-            rows.sort(key=lambda row: row.id)
+            raw = RawSql(tx.session)
+            statements, filters = self._lease_statements(launcher_id, info, raw.postgres)
+            params = [now, idle, max_cpus, max_gpus, *filters, limit]
+            rows = [
+                _LeaseRow._make(row)
+                for sql in statements for row in raw.execute(sql, params).fetchall()
+            ]
+            rows.sort(key=operator.itemgetter(0))  # by id
             chosen = fitting(rows[:limit], free)
             if not chosen:
                 return []
@@ -198,58 +239,44 @@ class DatabaseTaskSource:
                 launcher_id=launcher_id, batch_job_id=info.batch_job_id,
                 states={t.id: State(t.state) for t in tasks},
             )
-            raw = RawSql(s)
             raw.execute(
                 _LEASE,
                 [launcher_id, now + self.lease_s, info.batch_job_id, raw.ids(t.id for t in tasks)],
             )
             return [self._leased(task, req) for task, req in chosen]
 
-    def _lease_queries_of(
-        self, launcher_id: int, info: LauncherInfo, dialect: str
-    ) -> tuple[Any, ...]:
-        """The launcher's lease queries (its filters are fixed), built once per launcher;
-        parameters: now, limit, idle (whole free nodes), max_cpus, max_gpus.
+    def _lease_statements(
+        self, launcher_id: int, info: LauncherInfo, postgres: bool
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The launcher's lease statements, one per leasable state, and the values of its
+        filters (fixed per launcher: made once).
 
-        One query per leasable state: with ``state = ?`` the (state, id) indexes give
-        rows in id order, so a lease reads about ``limit`` rows of each state.  One
-        query over all of them read and sorted every row in those states: with a large
-        backlog, every lease cost milliseconds per thousand tasks.
+        One query per state: with ``state = '...'`` the (state, id) index gives rows in
+        id order, so a lease reads about ``limit`` rows of each state.  One query over
+        all of them read and sorted every row in those states: with a large backlog,
+        every lease cost milliseconds per thousand tasks.
         """
-        queries = self._lease_queries.get(launcher_id)
-        if queries is not None:
-            return queries
-        query = (
-            select(*LEASE_COLUMNS)
-            .outerjoin(App, App.id == Task.app_id)
-            .where(
-                or_(Task.lease_launcher_id.is_(None), Task.lease_expires < bindparam("now")),
-                or_(Task.num_nodes == 1, Task.num_nodes <= bindparam("idle")),
-                Task.ranks_per_node * Task.threads_per_rank <= bindparam("max_cpus"),
-                Task.ranks_per_node * Task.gpus_per_rank <= bindparam("max_gpus"),
+        made = self._lease_statements_of.get(launcher_id)
+        if made is None:
+            filters = _WORKFLOW_FILTER if info.workflow is not None else ""
+            filters += _TAG_FILTER * len(info.tags)
+            values = [info.workflow] if info.workflow is not None else []
+            for key, value in info.tags.items():
+                values += [key, str(value)]
+            lock = " FOR UPDATE OF task SKIP LOCKED" if postgres else ""
+            statements = tuple(
+                _LEASE_SELECT.format(leasable=leasable_sql(state), filters=filters, lock=lock)
+                for state in LEASED_FROM
             )
-            .order_by(Task.id)
-            .limit(bindparam("limit"))
-        )
-        if info.workflow is not None:
-            query = query.where(Task.workflow == info.workflow)
-        for key, value in info.tags.items():
-            query = query.where(
-                select(TaskTag.task_id)
-                .where(TaskTag.task_id == Task.id, TaskTag.key == key, TaskTag.value == value)
-                .exists()
-            )
-        if dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True, of=Task)
-        queries = tuple(query.where(leasable(state)) for state in LEASED_FROM)
-        self._lease_queries[launcher_id] = queries
-        return queries
+            made = self._lease_statements_of[launcher_id] = (statements, tuple(values))
+        return made
 
-    def _leased(self, task: Any, req: TaskRequirements) -> LeasedTask:
-        """A row of ``LEASE_COLUMNS`` (with its requirements) as what the launcher runs."""
+    def _leased(self, task: _LeaseRow, req: TaskRequirements) -> LeasedTask:
+        """A lease's row (with its requirements) as what the launcher runs."""
+        app_command = load_json(task.app_command)
         argv = tuple(
-            render_argv(task.app_command, task.parameters) if task.app_command is not None
-            else task.command or ()
+            render_argv(app_command, load_json(task.parameters)) if app_command is not None
+            else load_json(task.command) or ()
         )
         return LeasedTask(
             task_id=task.id,
@@ -257,14 +284,14 @@ class DatabaseTaskSource:
             workflow=task.workflow,
             argv=argv,
             workdir=models.workdir_of(task),
-            env=task_environment(task.app_environment, task.environment),
+            env=task_environment(load_json(task.app_environment), load_json(task.environment)),
             requirements=req,
             state=State(task.state) if task.state in _RUNNABLE else State.PREPROCESSED,
             num_retries=task.num_retries,
-            post_error_handler=task.post_error_handler,
-            post_timeout_handler=task.post_timeout_handler,
-            auto_timeout_retry=task.auto_timeout_retry,
-            mpi_flags=tuple(task.mpi_flags),
+            post_error_handler=bool(task.post_error_handler),
+            post_timeout_handler=bool(task.post_timeout_handler),
+            auto_timeout_retry=bool(task.auto_timeout_retry),
+            mpi_flags=tuple(load_json(task.mpi_flags) or ()),
         )
 
     def report(self, launcher_id: int, updates: Sequence[StateUpdate]) -> list[int]:
@@ -317,21 +344,11 @@ class DatabaseTaskSource:
     def heartbeat(self, launcher_id: int) -> set[int]:
         now = time.time()
         with self.site.db.session(write=True) as s:
-            s.execute(update(Launcher).where(Launcher.id == launcher_id).values(heartbeat=now))
-            s.execute(
-                update(Task)
-                .where(Task.lease_launcher_id == launcher_id)
-                .values(lease_expires=now + self.lease_s)
-                .execution_options(synchronize_session=False)
-            )
-            return set(
-                s.scalars(
-                    select(Task.id).where(
-                        Task.lease_launcher_id == launcher_id,
-                        Task.state == State.USER_KILLED.value,
-                    )
-                )
-            )
+            raw = RawSql(s)
+            raw.execute(_HEARTBEAT, [now, launcher_id])
+            raw.execute(_RENEW, [now + self.lease_s, launcher_id])
+            killed = raw.execute(_KILLED, [launcher_id, State.USER_KILLED.value]).fetchall()
+            return {task_id for (task_id,) in killed}
 
     def release(self, launcher_id: int) -> None:
         """Give back leases of tasks not running; a RUNNING task keeps its lease until it
@@ -345,17 +362,17 @@ class DatabaseTaskSource:
             )
             s.execute(update(Launcher).where(Launcher.id == launcher_id).values(stopped=time.time()))
         self._infos.pop(launcher_id, None)
-        self._lease_queries.pop(launcher_id, None)
+        self._lease_statements_of.pop(launcher_id, None)
 
     def expire_leases(self, now: float) -> int:
         """Reclaim leases that ran out: RUNNING tasks -> RUN_TIMEOUT ("launcher N lost:
         lease expired"; the recovery chain takes them from there), other expired leases
         cleared.  Cheap when there is nothing to reclaim (one indexed read, no write
         lock), so every launcher calls it with its heartbeat."""
-        expired_rows = (Task.lease_launcher_id.is_not(None), Task.lease_expires < now)
         with self.site.db.session() as s:
-            if s.scalars(select(Task.id).where(*expired_rows).limit(1)).first() is None:
+            if RawSql(s).execute(_ANY_EXPIRED, [now]).fetchone() is None:
                 return 0
+        expired_rows = (Task.lease_launcher_id.is_not(None), Task.lease_expires < now)
         with self.site.transaction() as tx:
             query = select(Task.id, Task.state, Task.lease_launcher_id).where(*expired_rows)
             if tx.session.get_bind().dialect.name == "postgresql":
