@@ -80,3 +80,19 @@ def test_a_full_watchdog_table_reuses_freed_slots(
     watch.close()
     assert second.wait(10) == -9
     assert first.poll() is None
+
+
+def test_children_forked_after_the_watchdog_do_not_hold_its_pipe() -> None:
+    """The processing worker is forked after the watchdog; a copy of the pipe's write
+    end in it would keep the watchdog waiting after the launcher died."""
+    watch = DeathWatch()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fstat(watch._write_end)
+        except OSError:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    watch.close()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -28,6 +28,16 @@ class LeaseResult:
     error: DatabaseError | None = None
 
 
+def lease(
+    source: TaskSource, launcher_id: int, free: list[NodeResources], limit: int
+) -> LeaseResult:
+    """One lease from *source*; a database error is the result, not raised."""
+    try:
+        return LeaseResult(source.lease(launcher_id, free, limit))
+    except DatabaseError as exc:
+        return LeaseResult((), exc)
+
+
 class Leaser:
     """One background thread taking leases for one launcher, one request at a time."""
 
@@ -56,9 +66,10 @@ class Leaser:
         return self._busy
 
     def request(self, free: list[NodeResources], limit: int) -> None:
-        """Ask for up to *limit* tasks that fit *free* (ignored while :attr:`busy`)."""
+        """Ask for up to *limit* tasks that fit *free* (ignored while :attr:`busy`, and
+        for no task)."""
         with self._cond:
-            if self._busy or self._closing:
+            if self._busy or self._closing or limit <= 0:
                 return
             self._busy = True
             self._request = (free, limit)
@@ -90,9 +101,7 @@ class Leaser:
                     return
                 (free, limit), self._request = self._request, None
             try:
-                result = LeaseResult(self._source.lease(self._launcher_id, free, limit))
-            except DatabaseError as exc:
-                result = LeaseResult((), exc)
+                result = lease(self._source, self._launcher_id, free, limit)
             except BaseException as exc:  # a bug: the hot loop raises it
                 self.error = exc
                 self._wake()

@@ -20,6 +20,7 @@ launcher reclaims them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -50,7 +51,7 @@ from ..plugin_types import (
 from ..processing.staging import allowed_roots
 from ..site import SITE_ENV
 from ..states import State
-from .leasing import Leaser, LeaseResult
+from .leasing import Leaser, LeaseResult, lease
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup, disk_full
 from .reporter import DB_RETRY_MAX_S, Reporter
@@ -75,6 +76,9 @@ LEASE_AHEAD_S = 0.25
 MIN_AHEAD = 16
 #: Seconds over which the start rate is measured.
 RATE_WINDOW_S = 0.1
+#: Fewest queued tasks the packing strategy chooses from at a time (and at least four
+#: per CPU slot).
+MIN_PACKING_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,10 @@ class Launcher:
         self._processing = processing
         self.mode = mode
         self.worker: ProcessingWorker | None = None
+        self.reporter: Reporter | None = None
+        self.leaser: Leaser | None = None
         self.pool = NodePool(options.nodes)
+        self._window = max(MIN_PACKING_WINDOW, 4 * self._slots())
         self.procs = ProcessGroup(grace_s=options.grace_s)
         self.queue: dict[int, LeasedTask] = {}
         self.stats = LauncherStats()
@@ -188,30 +195,33 @@ class Launcher:
             )
         )
         log.info("launcher %d started on %d node(s)", self.launcher_id, len(self.options.nodes))
-        self._start_processor()  # forks: before any thread starts
-        self.procs.guard_orphans()  # forks too: after the worker, which must not hold its pipe
-        self.reporter = Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
-        self.leaser = Leaser(
-            self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare_ahead
-        )
+        self.procs.guard_orphans()  # before the first start
         heartbeat_s = self.site.config.launcher.heartbeat_s
         self._lease_until = time.time() + self.site.config.launcher.lease_s
-        self._request_lease(time.time(), ahead=False)
-        # The first heartbeat (which also reclaims what dead launchers left behind)
-        # follows the first lease: both take the write lock, and the first starts wait
-        # for the lease.
-        first_lease = True
-        next_heartbeat = time.time() + heartbeat_s
-        next_poll = 0.0
-        idle_since = time.time()
         updates: list[StateUpdate] = []
         try:
+            # The first tasks start before the rest is set up: they are what the
+            # allocation waits for.  Then the worker is forked (before any thread starts).
+            now = time.time()
+            next_poll = self._leased(lease(self.source, self.launcher_id, self.pool.free(),
+                                           self._slots()), now)
+            updates += self._start_placed(now)
+            self._start_processor()
+            reporter = self.reporter = self._reporter()
+            leaser = self.leaser = Leaser(
+                self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare_ahead
+            )
+            # The first heartbeat (which also reclaims what dead launchers left behind)
+            # follows the leaser's first lease: both take the write lock.
+            first_lease = True
+            next_heartbeat = time.time() + heartbeat_s
+            idle_since = time.time()
             while not self._stop.is_set():
                 now = time.time()
-                for error in (self.reporter.error, self.leaser.error):
+                for error in (reporter.error, leaser.error):
                     if error is not None:
                         raise error
-                for task_id in self.reporter.refused():
+                for task_id in reporter.refused():
                     self.procs.end(task_id, "killed")
                 for task_id in self.procs.overdue(now):
                     self.procs.end(task_id, "timeout")
@@ -228,7 +238,7 @@ class Launcher:
                 if self.options.stop_file and os.path.exists(self.options.stop_file):
                     self.stop("stop requested")
                     break
-                leased = self.leaser.take()
+                leased = leaser.take()
                 if leased is not None:
                     next_poll = self._leased(leased, now)
                     if first_lease:
@@ -236,8 +246,9 @@ class Launcher:
                 updates += self._start_placed(now)
                 wants_lease = self._wants_lease(now)
                 if wants_lease and now >= next_poll:
-                    self._request_lease(now)  # after the starts: it leases for what is free
-                self.reporter.add(updates, urgent=not len(self.procs))
+                    # After the starts: it leases for what is free.
+                    leaser.request(*self._lease_request(now))
+                reporter.add(updates, urgent=not len(self.procs))
                 updates = []
                 if (
                     len(self.procs) or self.queue or (self.worker and not self.worker.idle)
@@ -254,13 +265,13 @@ class Launcher:
                 wake_at = [next_heartbeat]
                 if (len(self.procs) or self.queue) and now < self._lease_deadline():
                     wake_at.append(self._lease_deadline())
-                if wants_lease and not self.leaser.busy:  # else woken by the lease's result
+                if wants_lease and not leaser.busy:  # else woken by the lease's result
                     wake_at.append(next_poll)
                 if self.options.end_time is not None:
                     wake_at.append(self._deadline())
                 if self.options.stop_file:
                     wake_at.append(now + STOP_CHECK_S)
-                updates = self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
+                updates += self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
                 if self.worker is not None and self.procs.readable(self.worker.fileno()):
                     if self.worker.read():
                         next_poll = 0.0  # the worker made tasks runnable: lease them now
@@ -297,19 +308,17 @@ class Launcher:
         wanted = max(MIN_AHEAD, int(self._start_rate * LEASE_AHEAD_S))
         return min(self.options.prefetch, wanted)
 
-    def _request_lease(self, now: float, ahead: bool = True) -> None:
-        """Ask the leaser for tasks that fit the free room, and with *ahead* for more
-        (:meth:`_ahead`; the first lease does not: it is the first starts' wait)."""
+    def _lease_request(self, now: float) -> tuple[list[NodeResources], int]:
+        """What to lease: (free room, most tasks) -- tasks that fit the free room, and
+        tasks to start next (:meth:`_ahead`)."""
         free = self.pool.free()
-        prefetch = self._ahead(now) if ahead and self.options.prefetch else 0
+        prefetch = self._ahead(now) if self.options.prefetch else 0
         if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
             copies = -(-prefetch // self._slots())
             free += [NodeResources(n.name, n.cpus, n.gpu_ids) for n in self.options.nodes] * copies
-        limit = self._slots() + prefetch - len(self.queue)
-        if limit > 0:
-            self.leaser.request(free, limit)
+        return free, self._slots() + prefetch - len(self.queue)
 
     def _leased(self, result: LeaseResult, now: float) -> float:
         """Queue what a lease brought; return when to lease next."""
@@ -326,7 +335,10 @@ class Launcher:
             return []
         if self.options.end_time is not None:
             self._drop_unfinishable(now)
-        ready = [t.requirements for t in self.queue.values()]
+        # The packer sees the head of the queue (oldest first): a task further back moves
+        # up as those ahead start.  The whole queue, on every start, cost O(tasks leased
+        # ahead) per start.
+        ready = [t.requirements for t in itertools.islice(self.queue.values(), self._window)]
         updates = []
         for placement in self.packing.place(ready, self.pool.free(), now):
             task = self.queue.pop(placement.task_id)
@@ -544,6 +556,9 @@ class Launcher:
             )
             self.procs.watch(self.worker.fileno())
 
+    def _reporter(self) -> Reporter:
+        return Reporter(self.source, self.launcher_id, self.procs.wake, self.options.flush_s)
+
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown(self, pending: list[StateUpdate]) -> None:
@@ -555,9 +570,11 @@ class Launcher:
         try:
             if self.worker is not None:
                 self.worker.stop()  # ends pre/post steps still running, before leases go
-            self.leaser.close(timeout=self.options.grace_s)
-            self.reporter.add([*pending, *self._collect(exited)])
-            self.reporter.close(timeout=self.site.config.launcher.lease_s)
+            if self.leaser is not None:
+                self.leaser.close(timeout=self.options.grace_s)
+            reporter = self.reporter or self._reporter()  # None: the start failed
+            reporter.add([*pending, *self._collect(exited)])
+            reporter.close(timeout=self.site.config.launcher.lease_s)
             try:
                 self.source.release(self.launcher_id)
             except DatabaseError as exc:

@@ -72,11 +72,9 @@ class ProcessGroup:
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def guard_orphans(self) -> None:
-        """Fork the watchdog that kills running tasks if this process dies uncleanly.
-
-        Call it before starting threads, after forking other children (they must not
-        inherit its pipe: the watchdog acts when the last writer is gone).
-        """
+        """Fork the watchdog that kills running tasks if this process dies uncleanly
+        (:mod:`~balsam_core.launcher.deathwatch`); call it before the first start and
+        before starting threads."""
         self._deathwatch = DeathWatch()
 
     def watch(self, fd: int) -> None:
