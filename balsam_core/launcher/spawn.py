@@ -182,10 +182,12 @@ class _StringArray:
         #: The first string (argv[0]).
         self.first = parts[0]
         self._buffer = ctypes.create_string_buffer(data)
+        # String i starts after the i strings before it and their NULs; the running
+        # sum's last value (past the end) becomes the terminating NULL.
         base = ctypes.addressof(self._buffer)
-        offsets = accumulate([0] + [len(p) + 1 for p in parts[:-1]]) if strings else ()
-        self._pointers = array("Q", [base + offset for offset in offsets])
-        self._pointers.append(0)
+        starts = accumulate(map((1).__add__, map(len, parts)), initial=base)
+        self._pointers = array("Q", starts if strings else [0])
+        self._pointers[-1] = 0
         #: The array's address, for C.
         self.pointers = self._pointers.buffer_info()[0]
 
