@@ -83,8 +83,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import models
     from .api import Site
     from .fastforward import (
-        FAST_FORWARD, LEASED_FROM, leasable, leasable_sql, nothing_after_run, nothing_to_do,
-        skip,
+        FAST_FORWARD, LEASED_FROM, NOTHING_TO_DO_SQL, leasable, leasable_sql, nothing_after_run,
+        nothing_to_do, skip,
     )
     from .rawsql import RawSql
     from .transitions import Change
@@ -97,6 +97,7 @@ _LAZY = {
     "models": ("models", None),
     "FAST_FORWARD": ("fastforward", "FAST_FORWARD"),
     "LEASED_FROM": ("fastforward", "LEASED_FROM"),
+    "NOTHING_TO_DO_SQL": ("fastforward", "NOTHING_TO_DO_SQL"),
     "nothing_to_do": ("fastforward", "nothing_to_do"),
     "nothing_after_run": ("fastforward", "nothing_after_run"),
     "leasable": ("fastforward", "leasable"),
@@ -121,6 +122,7 @@ __all__ = [
     "BATCH_JOB_END",
     "FAST_FORWARD",
     "LEASED_FROM",
+    "NOTHING_TO_DO_SQL",
     "RUNNABLE",
     "ActiveJob",
     "Allocation",

@@ -44,6 +44,12 @@ class RawSql:
         self._cursor.execute(_translate(text, self.postgres), tuple(params))
         return self._cursor
 
+    def insert(self, text: str, params: Sequence[Any]) -> int:
+        """Run the INSERT *text* of one row; the row's ``id``."""
+        if self.postgres:
+            return int(self.execute(text + " RETURNING id", params).fetchone()[0])
+        return int(self.execute(text, params).lastrowid)
+
     def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._cursor.executemany(_translate(text, self.postgres), rows)

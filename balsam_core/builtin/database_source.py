@@ -21,13 +21,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import select, update
 
 from balsam_core import (
     RUNNABLE,
     Change,
     LeasedTask,
     LEASED_FROM,
+    NOTHING_TO_DO_SQL,
     LauncherInfo,
     NodeResources,
     PluginContext,
@@ -41,7 +42,6 @@ from balsam_core import (
     is_allowed,
     leasable_sql,
     models,
-    nothing_after_run,
     render_argv,
     skip,
     task_environment,
@@ -147,19 +147,20 @@ def fitting(
 
 #: The states of the tasks a launcher holds, and whether a clean run ends them.
 _HELD = (
-    select(Task.id, Task.state, nothing_after_run())
-    .outerjoin(App, App.id == Task.app_id)
-    .where(
-        Task.id.in_(bindparam("ids", expanding=True)),
-        Task.lease_launcher_id == bindparam("launcher_id"),
-    )
+    f"SELECT task.id, task.state, ({NOTHING_TO_DO_SQL[State.RUN_DONE]})"
+    " FROM task LEFT OUTER JOIN app ON app.id = task.app_id"
+    " WHERE task.id {ids} AND task.lease_launcher_id = ?"
 )
-_HELD_LOCKED = _HELD.with_for_update(of=Task)
 #: Taking leases, and giving back those of reported tasks no longer running (raw
 #: statements: see balsam_core.rawsql).
 _LEASE = "UPDATE task SET lease_launcher_id = ?, lease_expires = ?, batch_job_id = ? WHERE id {ids}"
 _UNLEASE_ENDED = (
     "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids} AND state <> ?"
+)
+#: A launcher's row (statement compilation was most of what its start waited for).
+_REGISTER = (
+    "INSERT INTO launcher (host, pid, mode, batch_job_id, workflow, tags, started, heartbeat)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 #: A launcher's heartbeat: its row, its leases renewed, and its tasks killed meanwhile.
 _HEARTBEAT = "UPDATE launcher SET heartbeat = ? WHERE id = ?"
@@ -186,16 +187,12 @@ class DatabaseTaskSource:
     def register(self, info: LauncherInfo) -> int:
         now = time.time()
         with self.site.db.session(write=True) as s:
-            # A Core insert: the ORM's unit of work cost milliseconds of the launcher's start.
-            (launcher_id,) = s.execute(
-                insert(Launcher).values(
-                    host=info.host, pid=info.pid, mode=info.mode,
-                    batch_job_id=info.batch_job_id, workflow=info.workflow,
-                    tags=dict(info.tags), started=now, heartbeat=now,
-                )
-            ).inserted_primary_key
-            self._infos[launcher_id] = info
-            return launcher_id
+            launcher_id = RawSql(s).insert(_REGISTER, [
+                info.host, info.pid, info.mode, info.batch_job_id, info.workflow,
+                models.dump_json(dict(info.tags)), now, now,
+            ])
+        self._infos[launcher_id] = info
+        return launcher_id
 
     def _info(self, launcher_id: int) -> LauncherInfo:
         """The launcher's filters and batch job (from its row if another instance registered it)."""
@@ -302,12 +299,13 @@ class DatabaseTaskSource:
         ids = sorted({u.task_id for u in updates})
         info = self._info(launcher_id)
         with self.site.transaction() as tx:
-            postgres = tx.session.get_bind().dialect.name == "postgresql"
+            raw = RawSql(tx.session)
             states: dict[int, State] = {}
             clean_end: set[int] = set()  # a clean run of these is their end
-            held = tx.session.connection().execute(
-                _HELD_LOCKED if postgres else _HELD, {"ids": ids, "launcher_id": launcher_id}
-            )
+            held = raw.execute(
+                _HELD + (" FOR UPDATE OF task" if raw.postgres else ""),
+                [raw.ids(ids), launcher_id],
+            ).fetchall()
             for task_id, state, clean in held:
                 states[task_id] = State(state)
                 if clean:
@@ -337,7 +335,6 @@ class DatabaseTaskSource:
             )
             done = [c.task_id for c in changes if c.state is not State.RUNNING]
             if done:
-                raw = RawSql(tx.session)
                 raw.execute(_UNLEASE_ENDED, [raw.ids(done), State.RUNNING.value])
         return sorted(refused)
 
