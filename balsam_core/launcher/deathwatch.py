@@ -47,10 +47,12 @@ import mmap, os, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 pipe, memory = int(sys.argv[1]), int(sys.argv[2])
-table = memoryview(mmap.mmap(memory, 0)).cast("i")
+table = mmap.mmap(memory, 0)
 while os.read(pipe, 4096):
     pass
-for pgid in table.tolist():
+used = table[:].rstrip(b"\\0")  # slots are taken from the start
+used += bytes(-len(used) % 4)
+for pgid in memoryview(used).cast("i"):
     if pgid > 0:
         try:
             os.killpg(pgid, signal.SIGKILL)

@@ -34,24 +34,24 @@ class NodePool:
 
     def free(self) -> list[NodeResources]:
         """Every node with what is left on it (busy nodes too, with nothing free)."""
-        if self._free is None:
-            self._free = self._compute_free()
-        return list(self._free)
+        return list(self._free_now())
 
     def has_room(self) -> bool:
         """Is any CPU free on a node not fully shared out?"""
-        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self.free())
+        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self._free_now())
 
-    def _compute_free(self) -> list[NodeResources]:
-        return [
-            NodeResources(
-                name=n.spec.name,
-                cpus=n.spec.cpus - n.cpus,
-                gpu_ids=tuple(g for g in n.spec.gpu_ids if g not in n.gpus),
-                free_fraction=max(0.0, 1.0 - n.share),
-            )
-            for n in self._nodes.values()
-        ]
+    def _free_now(self) -> list[NodeResources]:
+        if self._free is None:
+            self._free = [
+                NodeResources(
+                    name=n.spec.name,
+                    cpus=n.spec.cpus - n.cpus,
+                    gpu_ids=tuple(g for g in n.spec.gpu_ids if g not in n.gpus),
+                    free_fraction=max(0.0, 1.0 - n.share),
+                )
+                for n in self._nodes.values()
+            ]
+        return self._free
 
     def take(self, placement: Placement, req: TaskRequirements) -> None:
         """Book *placement* for a task; refuses (ValueError) anything over capacity."""

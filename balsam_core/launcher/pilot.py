@@ -211,10 +211,9 @@ class Launcher:
             leaser = self.leaser = Leaser(
                 self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare_ahead
             )
-            # The first heartbeat (which also reclaims what dead launchers left behind)
-            # follows the leaser's first lease: both take the write lock.
-            first_lease = True
-            next_heartbeat = time.time() + heartbeat_s
+            # The first heartbeat (which also reclaims what dead launchers left behind) on
+            # the loop's first turn, before the leaser's first lease: both take the write lock.
+            next_heartbeat = 0.0
             idle_since = time.time()
             while not self._stop.is_set():
                 now = time.time()
@@ -241,8 +240,6 @@ class Launcher:
                 leased = leaser.take()
                 if leased is not None:
                     next_poll = self._leased(leased, now)
-                    if first_lease:
-                        first_lease, next_heartbeat = False, now
                 updates += self._start_placed(now)
                 wants_lease = self._wants_lease(now)
                 if wants_lease and now >= next_poll:
@@ -333,12 +330,13 @@ class Launcher:
     def _start_placed(self, now: float) -> list[StateUpdate]:
         if not self.queue or not self.pool.has_room():
             return []
-        if self.options.end_time is not None:
-            self._drop_unfinishable(now)
         # The packer sees the head of the queue (oldest first): a task further back moves
         # up as those ahead start.  The whole queue, on every start, cost O(tasks leased
         # ahead) per start.
-        ready = [t.requirements for t in itertools.islice(self.queue.values(), self._window)]
+        head = list(itertools.islice(self.queue.values(), self._window))
+        if self.options.end_time is not None:
+            head = self._finishable(head, now)
+        ready = [t.requirements for t in head]
         updates = []
         for placement in self.packing.place(ready, self.pool.free(), now):
             task = self.queue.pop(placement.task_id)
@@ -497,12 +495,14 @@ class Launcher:
     def _out_of_time(self, now: float) -> bool:
         return self.options.end_time is not None and now >= self._deadline()
 
-    def _drop_unfinishable(self, now: float) -> None:
-        """Tasks whose wall time would run past the allocation are not started."""
+    def _finishable(self, tasks: list[LeasedTask], now: float) -> list[LeasedTask]:
+        """The *tasks* that can finish before the allocation ends; the others leave the
+        queue (never started: their leases go back at shutdown)."""
         left_min = (self._deadline() - now) / 60
-        for task_id, task in list(self.queue.items()):
+        for task in tasks:
             if task.requirements.wall_time_min > left_min:
-                del self.queue[task_id]
+                del self.queue[task.task_id]
+        return [t for t in tasks if t.requirements.wall_time_min <= left_min]
 
     def _work_coming(self) -> bool:
         """Are tasks this launcher could run being prepared (stage-in, preprocess)?"""
