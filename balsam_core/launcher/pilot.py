@@ -203,8 +203,8 @@ class Launcher:
             # The first tasks start before the rest is set up: they are what the
             # allocation waits for.  Then the worker is forked (before any thread starts).
             now = time.time()
-            next_poll = self._leased(lease(self.source, self.launcher_id, self.pool.free(),
-                                           self._slots()), now)
+            first = lease(self.source, self.launcher_id, self.pool.free(), self._slots())
+            next_poll = self._leased(first, now)
             updates += self._start_placed(now)
             self._start_processor()
             reporter = self.reporter = self._reporter()

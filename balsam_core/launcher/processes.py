@@ -72,9 +72,8 @@ class ProcessGroup:
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def guard_orphans(self) -> None:
-        """Fork the watchdog that kills running tasks if this process dies uncleanly
-        (:mod:`~balsam_core.launcher.deathwatch`); call it before the first start and
-        before starting threads."""
+        """Start the watchdog that kills running tasks if this process dies uncleanly
+        (:mod:`~balsam_core.launcher.deathwatch`); call it before the first start."""
         self._deathwatch = DeathWatch()
 
     def watch(self, fd: int) -> None:
