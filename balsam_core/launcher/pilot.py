@@ -163,6 +163,8 @@ class Launcher:
         self._site_mpi_flags = tuple(cfg.launcher.mpi_flags)
         #: Epoch seconds until which this launcher's leases are certainly valid.
         self._lease_until = float("inf")
+        #: How long before its leases may expire the launcher starts ending its tasks.
+        self._lease_margin = min(options.grace_s, cfg.launcher.lease_s / 4)
         #: Seconds to the next database retry while it is unreachable (0: reachable).
         self._db_backoff = 0.0
         #: Tasks started per second lately, and (tasks started, time) when last measured.
@@ -465,12 +467,8 @@ class Launcher:
             log.warning("launcher %d: database reachable again", self.launcher_id)
         self._db_backoff = 0.0
 
-    def _lease_margin(self) -> float:
-        """How long before its leases may expire a launcher starts ending its tasks."""
-        return min(self.options.grace_s, self.site.config.launcher.lease_s / 4)
-
     def _lease_deadline(self) -> float:
-        return self._lease_until - self._lease_margin()
+        return self._lease_until - self._lease_margin
 
     def _lease_lost(self) -> None:
         """The leases were not renewed in time: another launcher may reclaim the tasks
@@ -482,7 +480,7 @@ class Launcher:
             len(self.procs.ids()),
         )
         for task_id in self.procs.ids():
-            self.procs.end(task_id, "lease lost", grace_s=self._lease_margin() / 2)
+            self.procs.end(task_id, "lease lost", grace_s=self._lease_margin / 2)
         self.queue.clear()
         self._lease_until = LOST  # until a heartbeat renews the leases
 
