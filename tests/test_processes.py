@@ -58,6 +58,7 @@ def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes(
     sleeper: Callable[[], subprocess.Popen[bytes]],
 ) -> None:
     watch = DeathWatch()
+    assert os.sched_getscheduler(watch.pid) == os.SCHED_IDLE  # it never takes a task's CPU
     listed, reaped = sleeper(), sleeper()
     watch.started(listed.pid)
     watch.started(reaped.pid)
