@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from balsam_core.api import Site
 from balsam_core.launcher.deathwatch import DeathWatch
 from balsam_core.launcher.processes import ProcessGroup
+from balsam_core.launcher.worker import ProcessingWorker
+from balsam_core.plugin_types import LauncherInfo
 
 
 @pytest.fixture
@@ -97,3 +101,29 @@ def test_children_forked_after_the_watchdog_do_not_hold_its_pipe() -> None:
     _, status = os.waitpid(pid, 0)
     watch.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_processing_workers_words_and_its_end_reach_the_loop(
+    group: ProcessGroup, sqlite_site: Site
+) -> None:
+    """The worker says IDLE on a site with nothing to process; when it dies, its pipe
+    reads end-of-file and the loop sees that it ended."""
+    launcher_id = sqlite_site.selected("task_source").register(LauncherInfo("h", os.getpid()))
+    worker = ProcessingWorker(str(sqlite_site.site_dir), launcher_id, None, {}, 0.01, 0.02)
+    group.watch(worker.fileno())
+
+    def heard(until: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 15
+        while not until() and time.monotonic() < deadline:
+            group.wait(1.0)
+            if group.readable(worker.fileno()):
+                assert not worker.read()  # nothing moved
+        return until()
+
+    try:
+        assert heard(lambda: worker.idle)
+        os.kill(worker._process.pid, signal.SIGKILL)
+        assert heard(lambda: worker.ended)
+    finally:
+        group.unwatch(worker.fileno())
+        worker.stop()

@@ -21,7 +21,6 @@ import os
 import select
 import signal
 from collections.abc import Mapping
-from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def _run(
     launcher_id: int,
     workflow: str | None,
     tags: dict[str, str],
-    status: Connection,
+    status: int,
     stop_fds: tuple[int, int],
     interval_s: float,
     poll_s: float,
@@ -68,7 +67,7 @@ def _run(
                     )
                 moved = processor.process_once()
                 backoff = interval_s if moved else min(backoff * 2, poll_s)
-                status.send_bytes(MOVED if moved else BUSY if processor.inflight else IDLE)
+                os.write(status, MOVED if moved else BUSY if processor.inflight else IDLE)
             except DatabaseError as exc:
                 log.warning("processing: %s (retrying)", exc)
                 backoff = min(backoff * 2, 5.0)
@@ -107,7 +106,10 @@ class ProcessingWorker:
         # forks it before starting any thread, and the child opens its own database
         # connections (it never touches the parent's pooled ones).
         ctx = multiprocessing.get_context("fork")
-        self._status, child_end = ctx.Pipe(duplex=False)
+        # A plain pipe of one-byte words: the hot loop reads it without a selector (a
+        # multiprocessing Connection polled through one per read).
+        self._status, child_end = os.pipe()
+        os.set_blocking(self._status, False)
         stop_r, self._stop_w = os.pipe()
         self._process = ctx.Process(
             target=_run,
@@ -117,7 +119,7 @@ class ProcessingWorker:
             daemon=True,
         )
         self._process.start()
-        child_end.close()
+        os.close(child_end)
         os.close(stop_r)
         #: The worker's last word: None until its first pass.
         self.last: bytes | None = None
@@ -126,19 +128,23 @@ class ProcessingWorker:
 
     def fileno(self) -> int:
         """Readable when the worker has said something (watch it in a selector)."""
-        return self._status.fileno()
+        return self._status
 
     def read(self) -> bool:
         """Consume what the worker said; True if a pass moved tasks."""
-        moved = False
+        words = b""
         try:
-            while self._status.poll():
-                self.last = self._status.recv_bytes()
-                moved = moved or self.last == MOVED
-        except EOFError:
+            while chunk := os.read(self._status, 4096):
+                words += chunk
+        except BlockingIOError:
+            pass  # all read
+        else:
+            self.ended = True  # end-of-file
+        if words:
+            self.last = words[-1:]
+        if self.ended:
             self.last = IDLE
-            self.ended = True
-        return moved
+        return MOVED in words
 
     @property
     def idle(self) -> bool:
@@ -154,5 +160,5 @@ class ProcessingWorker:
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        self._status.close()
+        os.close(self._status)
         os.close(self._stop_w)
