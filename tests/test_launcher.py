@@ -286,8 +286,29 @@ def test_a_task_dying_of_the_jobs_stop_signal_is_a_timeout(sqlite_site: Site) ->
     )
     now = time.time()
     died = [Exited(7, -signal.SIGTERM, now - 1, now, None, Path("stderr"))]
-    assert [u.state for u in launcher._collect(died)] == [State.RUN_ERROR]
-    launcher.stop("received SIGTERM")
-    (update,) = launcher._collect(died)
-    assert update.state is State.RUN_TIMEOUT and update.message.startswith("received SIGTERM")
+    # An MPI launcher forwards the signal to its ranks and may exit with any code, 0 too.
+    forwarded = [Exited(8, code, now - 1, now, None, Path("stderr")) for code in (0, 143)]
+    assert [u.state for u in launcher._collect(died + forwarded)] == [
+        State.RUN_ERROR, State.RUN_DONE, State.RUN_ERROR
+    ]
+    launcher.stop("received SIGTERM", by_signal=True)
+    updates = launcher._collect(died + forwarded)
+    assert [u.state for u in updates] == [State.RUN_TIMEOUT] * 3
+    assert all(u.message.startswith("received SIGTERM") for u in updates)
+    launcher.procs.close()
+
+
+def test_a_task_ending_while_the_launcher_stops_on_its_own_keeps_its_result(
+    sqlite_site: Site,
+) -> None:
+    """No signal, no doubt: at an idle timeout or the allocation's end a task that exits
+    0 finished, one killed by SIGTERM (by someone else) still timed out with the stop."""
+    launcher = Launcher(
+        sqlite_site, LauncherOptions(nodes=local_nodes(1, 2, 0)), processing=False
+    )
+    now = time.time()
+    launcher.stop("allocation ends")
+    ended = [Exited(7, 0, now - 1, now, None, Path("stderr")),
+             Exited(8, -signal.SIGTERM, now - 1, now, None, Path("stderr"))]
+    assert [u.state for u in launcher._collect(ended)] == [State.RUN_DONE, State.RUN_TIMEOUT]
     launcher.procs.close()

@@ -154,6 +154,7 @@ class Launcher:
         self.launcher_id = 0
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._by_signal = False
         self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
         self._base_env[SITE_ENV] = str(site.site_dir)
         data_dir = cfg.data_dir.resolve()
@@ -173,17 +174,21 @@ class Launcher:
 
     # ------------------------------------------------------------------ control
 
-    def stop(self, reason: str) -> None:
-        """Ask the loop to end (thread- and signal-safe)."""
+    def stop(self, reason: str, by_signal: bool = False) -> None:
+        """Ask the loop to end (thread- and signal-safe); *by_signal*: the batch system
+        (or a user) signalled the launcher, and likely every process of the job."""
         if not self._stop.is_set():
             self._stop_reason = reason
+            self._by_signal = by_signal
             self._stop.set()
         self.procs.wake()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT end the run cleanly (running tasks -> RUN_TIMEOUT)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda s, _f: self.stop(f"received {signal.Signals(s).name}"))
+            signal.signal(
+                sig, lambda s, _f: self.stop(f"received {signal.Signals(s).name}", by_signal=True)
+            )
 
     # ------------------------------------------------------------------ main loop
 
@@ -389,9 +394,13 @@ class Launcher:
             self.pool.release(e.task_id)
             seconds = f"{e.ended - e.started:.3f} s"
             ending = e.ending
-            if ending is None and self._stop.is_set() and -e.return_code in STOP_SIGNALS:
+            if ending is None and self._stop.is_set() and (
+                self._by_signal or -e.return_code in STOP_SIGNALS
+            ):
                 # The batch system signals every process of the job at once: the task died
-                # of the same stop the launcher is handling, before it could end the task.
+                # of the same stop the launcher is handling, before it could end the task
+                # -- or, an MPI launcher, forwarded the signal to its ranks and exited with
+                # any code, 0 included (mpiexec.hydra at a Slurm time limit).
                 ending = "shutdown"
             if ending == "killed":
                 continue  # already USER_KILLED; nothing to report
