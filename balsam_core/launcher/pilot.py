@@ -506,10 +506,13 @@ class Launcher:
         """The *tasks* that can finish before the allocation ends; the others leave the
         queue (never started: their leases go back at shutdown)."""
         left_min = (self._deadline() - now) / 60
+        finishable = []
         for task in tasks:
             if task.requirements.wall_time_min > left_min:
                 del self.queue[task.task_id]
-        return [t for t in tasks if t.requirements.wall_time_min <= left_min]
+            else:
+                finishable.append(task)
+        return finishable
 
     def _work_coming(self) -> bool:
         """Are tasks this launcher could run being prepared (stage-in, preprocess)?"""
