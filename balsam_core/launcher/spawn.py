@@ -78,17 +78,19 @@ class _Libc:
     ACTIONS_SIZE, ATTR_SIZE, SIGSET_SIZE = 256, 1024, 256
 
     def __init__(self) -> None:
-        # CDLL, not PyDLL: the call releases the GIL while the parent waits for the
-        # child's exec, so the launcher's leasing and reporting threads run meanwhile
-        # (holding it measured 10-15 % slower end to end on 1000 short tasks).
-        lib = ctypes.CDLL(None, use_errno=True)
+        # posix_spawn through CDLL: the call releases the GIL while the parent waits for
+        # the child's exec, so the launcher's leasing and reporting threads run meanwhile
+        # (holding it measured 10-15 % slower end to end on 1000 short tasks).  The
+        # quick calls around it through PyDLL, which keeps the GIL: each release is a
+        # chance for another thread to take it, and the hot loop then waits to get it back.
+        lib = ctypes.PyDLL(None, use_errno=True)
         self.init = lib.posix_spawn_file_actions_init
         self.destroy = lib.posix_spawn_file_actions_destroy
         self.adddup2 = lib.posix_spawn_file_actions_adddup2
         self.addopen = lib.posix_spawn_file_actions_addopen
         self.addchdir = lib.posix_spawn_file_actions_addchdir_np
         self.addclosefrom = lib.posix_spawn_file_actions_addclosefrom_np
-        self.spawn = lib.posix_spawn
+        self.spawn = ctypes.CDLL(None, use_errno=True).posix_spawn
         self.spawn.argtypes = [
             ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p,
