@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -12,9 +13,16 @@ import pytest
 
 from balsam_core.api import Site
 from balsam_core.launcher.deathwatch import DeathWatch
+from balsam_core.launcher.leasing import Leaser
 from balsam_core.launcher.processes import ProcessGroup
+from balsam_core.launcher.reporter import Reporter
 from balsam_core.launcher.worker import ProcessingWorker
 from balsam_core.plugin_types import LauncherInfo
+
+
+def policy(pid: int) -> int:
+    """The scheduling policy of the process or thread *pid*."""
+    return os.sched_getscheduler(pid)
 
 
 @pytest.fixture
@@ -62,7 +70,7 @@ def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes(
     sleeper: Callable[[], subprocess.Popen[bytes]],
 ) -> None:
     watch = DeathWatch()
-    assert os.sched_getscheduler(watch.pid) == os.SCHED_IDLE  # it never takes a task's CPU
+    assert policy(watch.pid) == os.SCHED_IDLE  # it never takes a task's CPU
     listed, reaped = sleeper(), sleeper()
     watch.started(listed.pid)
     watch.started(reaped.pid)
@@ -127,3 +135,29 @@ def test_the_processing_workers_words_and_its_end_reach_the_loop(
     finally:
         group.unwatch(worker.fileno())
         worker.stop()
+
+
+def test_the_bookkeeping_threads_yield_the_cpu_to_tasks() -> None:
+    """The leasing and reporting threads run at idle priority (launcher/priority.py);
+    the thread that runs the hot loop (and starts the tasks) does not."""
+    seen: dict[str, int] = {}
+
+    class Source:
+        def lease(self, *_: object) -> list[object]:
+            seen["leaser"] = policy(threading.get_native_id())
+            return []
+
+        def report(self, *_: object) -> list[int]:
+            seen["reporter"] = policy(threading.get_native_id())
+            return []
+
+    woken = threading.Event()
+    leaser = Leaser(Source(), 1, woken.set, lambda _: None)  # type: ignore[arg-type]
+    reporter = Reporter(Source(), 1, lambda: None, 0.0)  # type: ignore[arg-type]
+    leaser.request([], 1)
+    assert woken.wait(10)
+    reporter.add([object()], urgent=True)  # type: ignore[list-item]
+    reporter.close(timeout=10)
+    leaser.close(timeout=10)
+    assert seen == {"leaser": os.SCHED_IDLE, "reporter": os.SCHED_IDLE}
+    assert policy(threading.get_native_id()) == os.SCHED_OTHER
