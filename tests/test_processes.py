@@ -20,11 +20,6 @@ from balsam_core.launcher.worker import ProcessingWorker
 from balsam_core.plugin_types import LauncherInfo
 
 
-def policy(pid: int) -> int:
-    """The scheduling policy of the process or thread *pid*."""
-    return os.sched_getscheduler(pid)
-
-
 @pytest.fixture
 def group() -> Iterator[ProcessGroup]:
     procs = ProcessGroup(grace_s=1.0)
@@ -70,7 +65,7 @@ def test_the_watchdog_kills_the_groups_still_listed_when_the_launcher_goes(
     sleeper: Callable[[], subprocess.Popen[bytes]],
 ) -> None:
     watch = DeathWatch()
-    assert policy(watch.pid) == os.SCHED_IDLE  # it never takes a task's CPU
+    assert os.sched_getscheduler(watch.pid) == os.SCHED_IDLE  # it never takes a task's CPU
     listed, reaped = sleeper(), sleeper()
     watch.started(listed.pid)
     watch.started(reaped.pid)
@@ -144,11 +139,11 @@ def test_the_bookkeeping_threads_yield_the_cpu_to_tasks() -> None:
 
     class Source:
         def lease(self, *_: object) -> list[object]:
-            seen["leaser"] = policy(threading.get_native_id())
+            seen["leaser"] = os.sched_getscheduler(threading.get_native_id())
             return []
 
         def report(self, *_: object) -> list[int]:
-            seen["reporter"] = policy(threading.get_native_id())
+            seen["reporter"] = os.sched_getscheduler(threading.get_native_id())
             return []
 
     woken = threading.Event()
@@ -160,4 +155,4 @@ def test_the_bookkeeping_threads_yield_the_cpu_to_tasks() -> None:
     reporter.close(timeout=10)
     leaser.close(timeout=10)
     assert seen == {"leaser": os.SCHED_IDLE, "reporter": os.SCHED_IDLE}
-    assert policy(threading.get_native_id()) == os.SCHED_OTHER
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER

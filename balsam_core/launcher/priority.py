@@ -10,11 +10,12 @@ Why that cannot starve anyone for long.  A thread at idle priority that holds so
 others wait for (the interpreter lock, SQLite's write lock, PostgreSQL row locks)
 delays them only while every core runs something else, and whoever waits on this node
 sleeps, so its core goes to the holder.  (On PostgreSQL, launchers on other nodes skip
-rows a lease in progress has locked, and a report locks only this launcher's tasks.)  The hot loop, the heartbeat (which keeps the
-leases) and the processing worker keep normal priority, and so do the tasks: the hot
-loop starts them (a process inherits the policy of the thread that starts it; the task
-source, run by the idle threads, starts none).  Where the policy is refused (a seccomp
-filter, another kernel) the thread just keeps its priority.
+rows a lease in progress has locked, and a report locks only this launcher's tasks.)
+The hot loop, the heartbeat (which keeps the leases) and the processing worker keep
+normal priority, and so do the tasks: the hot loop starts them (a process inherits the
+policy of the thread that starts it; the task source, run by the idle threads, starts
+none).  Where the policy is refused (a seccomp filter, another kernel) the thread just
+keeps its priority.
 """
 
 from __future__ import annotations
