@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,9 +12,7 @@ import pytest
 
 from balsam_core.api import Site
 from balsam_core.launcher.deathwatch import DeathWatch
-from balsam_core.launcher.leasing import Leaser
 from balsam_core.launcher.processes import ProcessGroup
-from balsam_core.launcher.reporter import Reporter
 from balsam_core.launcher.worker import ProcessingWorker
 from balsam_core.plugin_types import LauncherInfo
 
@@ -130,29 +127,3 @@ def test_the_processing_workers_words_and_its_end_reach_the_loop(
     finally:
         group.unwatch(worker.fileno())
         worker.stop()
-
-
-def test_the_bookkeeping_threads_yield_the_cpu_to_tasks() -> None:
-    """The leasing and reporting threads run at idle priority (launcher/priority.py);
-    the thread that runs the hot loop (and starts the tasks) does not."""
-    seen: dict[str, int] = {}
-
-    class Source:
-        def lease(self, *_: object) -> list[object]:
-            seen["leaser"] = os.sched_getscheduler(threading.get_native_id())
-            return []
-
-        def report(self, *_: object) -> list[int]:
-            seen["reporter"] = os.sched_getscheduler(threading.get_native_id())
-            return []
-
-    woken = threading.Event()
-    leaser = Leaser(Source(), 1, woken.set, lambda _: None)  # type: ignore[arg-type]
-    reporter = Reporter(Source(), 1, lambda: None, 0.0)  # type: ignore[arg-type]
-    leaser.request([], 1)
-    assert woken.wait(10)
-    reporter.add([object()], urgent=True)  # type: ignore[list-item]
-    reporter.close(timeout=10)
-    leaser.close(timeout=10)
-    assert seen == {"leaser": os.SCHED_IDLE, "reporter": os.SCHED_IDLE}
-    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER

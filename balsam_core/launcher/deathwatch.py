@@ -34,7 +34,6 @@ import os
 import sys
 
 from ..errors import BalsamError
-from .priority import yield_cpu_to_tasks
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,10 @@ class DeathWatch:
                 setsid=True,  # a signal to the launcher's process group must not reach it
             )
             # Here, not as a spawn attribute: glibc's posix_spawn refuses SCHED_IDLE.
-            yield_cpu_to_tasks(self.pid)
+            try:
+                os.sched_setscheduler(self.pid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:  # e.g. a seccomp filter: it just runs at normal priority
+                pass
         except BaseException:
             os.close(self._write_end)
             raise

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from ..errors import BalsamError, DatabaseError
 from ..plugin_types import LeasedTask, NodeResources, TaskSource
-from .priority import yield_cpu_to_tasks
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,6 @@ class Leaser:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        yield_cpu_to_tasks()
         while True:
             with self._cond:
                 while self._request is None and not self._closing:

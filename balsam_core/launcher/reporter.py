@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 
 from ..errors import DatabaseError
 from ..plugin_types import StateUpdate, TaskSource
-from .priority import yield_cpu_to_tasks
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ class Reporter:
         return ids
 
     def _run(self) -> None:
-        yield_cpu_to_tasks()
         last_flush = 0.0
         while True:
             self._has_work.wait()
