@@ -390,9 +390,7 @@ class CommandScheduler:
         """The ids that match *pattern*; each other one is logged and skipped."""
         wanted = [str(i) for i in scheduler_ids if pattern.fullmatch(str(i))]
         for bad in sorted(set(map(str, scheduler_ids)) - set(wanted)):
-            log.warning(
-                "%s: %r is not a %s job id; skipped", self.name, bad, self.name.capitalize()
-            )
+            log.warning("%s: %r is not a job id of this scheduler; skipped", self.name, bad)
         return wanted
 
     def allocation_of(self, names: Sequence[str], end_time: float | None) -> Allocation:

@@ -214,6 +214,23 @@ def test_cancel_of_finished_job_is_quiet(make_sched, bindir) -> None:
         make_sched().cancel("101.pbs01")  # still running: a real failure
 
 
+def test_malformed_ids_are_skipped_by_status_and_refused_by_cancel(make_sched, bindir, caplog) -> None:
+    """As the Slurm and Cobalt plugins: a status query skips (and logs) ids that are
+    not PBS ids and asks ``qstat`` about the others; ``cancel`` refuses them."""
+    (bindir / "q.json").write_text(json.dumps(QSTAT_JSON))
+    stand_in(bindir, "qstat", f"cat '{bindir}/q.json'")
+    with caplog.at_level("WARNING"):
+        result = make_sched().status(["101.pbs01", "-u all", "", "103; rm -rf /"])
+    assert set(result) == {"101.pbs01"}
+    assert calls(bindir) == ["qstat -x -f -F json 101.pbs01"]
+    assert "pbs: '-u all' is not a job id of this scheduler; skipped" in caplog.text
+    assert make_sched().status(["-x"]) == {}  # nothing well-formed: no qstat at all
+    assert calls(bindir) == ["qstat -x -f -F json 101.pbs01"]
+    for bad in ("-u all", "", "103; rm -rf /"):
+        with pytest.raises(PluginError, match="not a PBS job id"):
+            make_sched().cancel(bad)
+
+
 def test_text_format_with_wrapped_values() -> None:
     """Recorded PBS Pro ``qstat -f`` text: 4-space indents and a value wrapped onto a
     tab-indented continuation line."""

@@ -157,13 +157,10 @@ class PbsScheduler(CommandScheduler):
     # ------------------------------------------------------------------ status
 
     def status(self, scheduler_ids: Sequence[str]) -> dict[str, SchedulerJobStatus]:
-        """One ``qstat`` for all ids; unknown ids omitted."""
-        wanted = [str(i) for i in scheduler_ids]
+        """One ``qstat`` for all ids; unknown ids omitted, malformed ones skipped (logged)."""
+        wanted = self.well_formed_ids(scheduler_ids, _JOB_ID)
         if not wanted:
             return {}
-        for sid in wanted:
-            if sid.startswith("-") or not sid.strip():
-                raise PluginError(f"{WHAT}: {sid!r} is not a PBS job id")
         if self.settings.flavor == "pbspro":
             argv = ["qstat", "-x", "-f", "-F", "json", *wanted]
         else:
@@ -191,7 +188,7 @@ class PbsScheduler(CommandScheduler):
     def cancel(self, scheduler_id: str) -> None:
         """``qdel <id>``; no error if the job is unknown or already over."""
         sid = str(scheduler_id)
-        if sid.startswith("-") or not sid.strip():
+        if not _JOB_ID.fullmatch(sid):
             raise PluginError(f"{WHAT}: cannot cancel {sid!r}: not a PBS job id")
         result = self._run(["qdel", sid], check=False)
         if result.returncode == 0:
