@@ -18,7 +18,9 @@ import pytest
 
 from balsam_core.api import Site
 from balsam_core.launcher.nodes import local_nodes
-from balsam_core.launcher.pilot import LEASE_AHEAD_S, MIN_AHEAD, Launcher, LauncherOptions
+from balsam_core.launcher.pilot import (
+    LEASE_AHEAD_S, MIN_AHEAD, STOP_SIGNAL_HOLD_S, Launcher, LauncherOptions,
+)
 from balsam_core.launcher.processes import Exited
 from balsam_core.models import Task
 from balsam_core.states import State
@@ -279,8 +281,9 @@ def test_tasks_too_big_for_the_allocation_are_named(
 
 def test_a_task_dying_of_the_jobs_stop_signal_is_a_timeout(sqlite_site: Site) -> None:
     """A batch system ends a job by signalling all its processes at once (Slurm at the
-    time limit): a task that dies of that signal before the stopping launcher ends it
-    timed out with the job; killed by the same signal otherwise, it is an error."""
+    time limit): a task that dies of that signal timed out with the job -- whether the
+    launcher got its own signal first or a moment later (the task's end is held back
+    for that); killed by such a signal while nothing stops the launcher, it is an error."""
     launcher = Launcher(
         sqlite_site, LauncherOptions(nodes=local_nodes(1, 2, 0)), processing=False
     )
@@ -289,12 +292,36 @@ def test_a_task_dying_of_the_jobs_stop_signal_is_a_timeout(sqlite_site: Site) ->
     # An MPI launcher forwards the signal to its ranks and may exit with any code, 0 too.
     forwarded = [Exited(8, code, now - 1, now, None, Path("stderr")) for code in (0, 143)]
     assert [u.state for u in launcher._collect(died + forwarded)] == [
-        State.RUN_ERROR, State.RUN_DONE, State.RUN_ERROR
+        State.RUN_DONE, State.RUN_ERROR
     ]
-    launcher.stop("received SIGTERM", by_signal=True)
-    updates = launcher._collect(died + forwarded)
+    assert launcher._judge_held(time.time()) == []  # task 7 waits for the launcher's signal
+    launcher.stop("received SIGTERM", by_signal=True)  # ... which comes
+    held = launcher._judge_held(time.time())
+    assert [(u.task_id, u.state, u.time) for u in held] == [(7, State.RUN_TIMEOUT, now)]
+    assert launcher._held == []
+    updates = launcher._collect(died + forwarded)  # after the launcher's signal: no doubt
     assert [u.state for u in updates] == [State.RUN_TIMEOUT] * 3
-    assert all(u.message.startswith("received SIGTERM") for u in updates)
+    assert all(u.message.startswith("received SIGTERM") for u in held + updates)
+    launcher.procs.close()
+
+
+def test_a_task_killed_by_a_stop_signal_while_the_launcher_runs_on_failed(
+    sqlite_site: Site,
+) -> None:
+    """No stop follows within STOP_SIGNAL_HOLD_S, or the launcher stops on its own: the
+    task was killed by someone else (an error, recorded with the time it died)."""
+    launcher = Launcher(
+        sqlite_site, LauncherOptions(nodes=local_nodes(1, 2, 0)), processing=False
+    )
+    now = time.time()
+    assert launcher._collect([Exited(7, -signal.SIGKILL, now - 1, now, None, Path("e"))]) == []
+    assert launcher._judge_held(now + STOP_SIGNAL_HOLD_S / 2) == []
+    [update] = launcher._judge_held(now + STOP_SIGNAL_HOLD_S + 0.1)
+    assert (update.task_id, update.state, update.time) == (7, State.RUN_ERROR, now)
+    assert update.message.startswith("killed by signal SIGKILL")
+    assert launcher._collect([Exited(8, -signal.SIGTERM, now - 1, now, None, Path("e"))]) == []
+    launcher.stop("idle timeout")
+    assert [u.state for u in launcher._judge_held(time.time())] == [State.RUN_ERROR]
     launcher.procs.close()
 
 

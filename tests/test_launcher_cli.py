@@ -77,6 +77,29 @@ def test_sigterm_stops_cleanly(sqlite_site: Site) -> None:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_task_signalled_just_before_its_launcher_timed_out_with_the_job(
+    sqlite_site: Site,
+) -> None:
+    """A batch system signals every process of the job, in no set order (Slurm at a time
+    limit signals the launcher's descendants first): the task whose SIGTERM came a
+    moment before the launcher's timed out with the job; it did not fail."""
+    site = sqlite_site
+    [task_id] = site.add_tasks([{"command": ["sh", "-c", "echo $$ > task.pid; exec sleep 300"]}])
+    proc = launcher(site)
+    pid_file = site.config.data_dir / site.task(task_id).default_workdir / "task.pid"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
+        time.sleep(0.1)
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    last = site.history(task_id)[-1]
+    assert (last.from_state, last.to_state) == ("RUNNING", "RUN_TIMEOUT"), last
+    assert last.message.startswith("received SIGTERM after"), last.message
+
+
 def test_a_killed_launcher_takes_its_tasks_with_it(sqlite_site: Site) -> None:
     """SIGKILL leaves the launcher no time to clean up; its watchdog (deathwatch.py) ends
     the running tasks, so they cannot keep running while another launcher reruns them,

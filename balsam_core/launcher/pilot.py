@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 TASK_ENV = "BALSAM_TASK_ID"
 #: Signals by which a batch system ends a job's processes (time limit, cancel).
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGKILL})
+#: How long the end of a task killed by one of ``STOP_SIGNALS`` waits to be judged while
+#: the launcher runs on: a batch system signals every process of the job, and the
+#: launcher's own signal may come a moment after its tasks died of theirs.
+STOP_SIGNAL_HOLD_S = 1.0
 #: Longest the loop goes without looking at ``LauncherOptions.stop_file``.
 STOP_CHECK_S = 0.5
 #: ``Launcher._lease_until`` of a launcher whose leases may have been reclaimed.
@@ -155,6 +159,8 @@ class Launcher:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._by_signal = False
+        #: Exits held back for ``STOP_SIGNAL_HOLD_S``: (until when, the exit).
+        self._held: list[tuple[float, Exited]] = []
         self._base_env = {k: v for k, v in os.environ.items() if k not in (TASK_ENV,)}
         self._base_env[SITE_ENV] = str(site.site_dir)
         data_dir = cfg.data_dir.resolve()
@@ -275,7 +281,10 @@ class Launcher:
                     wake_at.append(self._deadline())
                 if self.options.stop_file:
                     wake_at.append(now + STOP_CHECK_S)
+                if self._held:
+                    wake_at.append(self._held[0][0])
                 updates += self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
+                updates += self._judge_held(time.time())
                 if self.worker is not None and self.procs.readable(self.worker.fileno()):
                     if self.worker.read():
                         next_poll = 0.0  # the worker made tasks runnable: lease them now
@@ -389,55 +398,72 @@ class Launcher:
         ]
 
     def _collect(self, exited: Sequence[Exited]) -> list[StateUpdate]:
+        """The state updates for task processes that ended (their slots are free again);
+        one killed by a stop signal while the launcher runs on is held back a moment
+        (``STOP_SIGNAL_HOLD_S``, :meth:`_judge_held`)."""
         updates = []
         for e in exited:
             self.pool.release(e.task_id)
-            seconds = f"{e.ended - e.started:.3f} s"
             ending = e.ending
-            if ending is None and self._stop.is_set() and (
-                self._by_signal or -e.return_code in STOP_SIGNALS
-            ):
+            if ending is None and -e.return_code in STOP_SIGNALS:
+                if not self._stop.is_set():
+                    self._held.append((time.time() + STOP_SIGNAL_HOLD_S, e))
+                    continue
+                ending = "shutdown"  # died of the stop the launcher is handling, whatever its cause
+            elif ending is None and self._by_signal:
                 # The batch system signals every process of the job at once: the task died
                 # of the same stop the launcher is handling, before it could end the task
                 # -- or, an MPI launcher, forwarded the signal to its ranks and exited with
                 # any code, 0 included (mpiexec.hydra at a Slurm time limit).
                 ending = "shutdown"
-            if ending == "killed":
-                continue  # already USER_KILLED; nothing to report
-            if ending in ("timeout", "shutdown", "lease lost"):
-                why = {
-                    "timeout": "wall time exceeded",
-                    "lease lost": f"launcher {self.launcher_id} could not renew its lease "
-                    "(database unreachable)",
-                }.get(ending, self._stop_reason)
-                self.stats.timed_out += 1
-                updates.append(
-                    StateUpdate(
-                        e.task_id, State.RUN_TIMEOUT, f"{why} after {seconds}", e.return_code,
-                        e.ended,
-                    )
-                )
-            elif e.return_code == 0:
-                self.stats.finished += 1
-                updates.append(
-                    StateUpdate(e.task_id, State.RUN_DONE, f"exit 0 after {seconds}", 0, e.ended)
-                )
-            else:
-                self.stats.failed += 1
-                how = (
-                    f"killed by signal {signal.Signals(-e.return_code).name}"
-                    if e.return_code < 0 and -e.return_code in signal.valid_signals()
-                    else f"exit code {e.return_code}"
-                )
-                full = disk_full(e.workdir)
-                updates.append(
-                    StateUpdate(
-                        e.task_id, State.RUN_ERROR, f"{how} after {seconds}" + (
-                            f"; {full}" if full else ""
-                        ), e.return_code, e.ended,
-                    )
-                )
+            updates += self._ended(e, ending)
         return updates
+
+    def _judge_held(self, now: float) -> list[StateUpdate]:
+        """The updates for held exits whose wait is over, or for all once the launcher
+        stops: they died of the job's stop if a signal stopped the launcher, else of
+        someone else's signal."""
+        stopping = self._stop.is_set()
+        if not self._held or (now < self._held[0][0] and not stopping):
+            return []
+        over = [e for until, e in self._held if stopping or until <= now]
+        self._held = [(until, e) for until, e in self._held if not stopping and until > now]
+        return [u for e in over for u in self._ended(e, "shutdown" if self._by_signal else None)]
+
+    def _ended(self, e: Exited, ending: str | None) -> list[StateUpdate]:
+        """The update recording *e*'s end; *ending*: why the launcher ended it, if it did."""
+        seconds = f"{e.ended - e.started:.3f} s"
+        if ending == "killed":
+            return []  # already USER_KILLED; nothing to report
+        if ending in ("timeout", "shutdown", "lease lost"):
+            why = {
+                "timeout": "wall time exceeded",
+                "lease lost": f"launcher {self.launcher_id} could not renew its lease "
+                "(database unreachable)",
+            }.get(ending, self._stop_reason)
+            self.stats.timed_out += 1
+            return [
+                StateUpdate(
+                    e.task_id, State.RUN_TIMEOUT, f"{why} after {seconds}", e.return_code,
+                    e.ended,
+                )
+            ]
+        if e.return_code == 0:
+            self.stats.finished += 1
+            return [StateUpdate(e.task_id, State.RUN_DONE, f"exit 0 after {seconds}", 0, e.ended)]
+        self.stats.failed += 1
+        how = (
+            f"killed by signal {signal.Signals(-e.return_code).name}"
+            if e.return_code < 0 and -e.return_code in signal.valid_signals()
+            else f"exit code {e.return_code}"
+        )
+        full = disk_full(e.workdir)
+        return [
+            StateUpdate(
+                e.task_id, State.RUN_ERROR,
+                f"{how} after {seconds}" + (f"; {full}" if full else ""), e.return_code, e.ended,
+            )
+        ]
 
     def _heartbeat(self) -> bool:
         """Renew the leases, end tasks killed meanwhile, reclaim the tasks of launchers
@@ -583,7 +609,7 @@ class Launcher:
             if self.leaser is not None:
                 self.leaser.close(timeout=self.options.grace_s)
             reporter = self.reporter or self._reporter()  # None: the start failed
-            reporter.add([*pending, *self._collect(exited)])
+            reporter.add([*pending, *self._judge_held(time.time()), *self._collect(exited)])
             reporter.close(timeout=self.site.config.launcher.lease_s)
             try:
                 self.source.release(self.launcher_id)
