@@ -420,15 +420,18 @@ class Launcher:
         return updates
 
     def _judge_held(self, now: float) -> list[StateUpdate]:
-        """The updates for held exits whose wait is over, or for all once the launcher
-        stops: they died of the job's stop if a signal stopped the launcher, else of
-        someone else's signal."""
-        stopping = self._stop.is_set()
-        if not self._held or (now < self._held[0][0] and not stopping):
+        """The updates for held exits: once the launcher stops, they died of that stop
+        (as exits collected after it: a signal to the job, or the stop file ``balsam
+        launcher`` makes of one for its serial agents); when their wait is over without
+        a stop, of someone else's signal (judged by their code)."""
+        if self._stop.is_set():
+            held, self._held = self._held, []
+            return [u for _, e in held for u in self._ended(e, "shutdown")]
+        if not self._held or now < self._held[0][0]:
             return []
-        over = [e for until, e in self._held if stopping or until <= now]
-        self._held = [(until, e) for until, e in self._held if not stopping and until > now]
-        return [u for e in over for u in self._ended(e, "shutdown" if self._by_signal else None)]
+        over = [e for until, e in self._held if until <= now]
+        self._held = [(until, e) for until, e in self._held if until > now]
+        return [u for e in over for u in self._ended(e, None)]
 
     def _ended(self, e: Exited, ending: str | None) -> list[StateUpdate]:
         """The update recording *e*'s end; *ending*: why the launcher ended it, if it did."""
