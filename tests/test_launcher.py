@@ -323,6 +323,12 @@ def test_a_task_killed_by_a_stop_signal_while_the_launcher_runs_on_failed(
     launcher.stop("stop requested")  # the stop file of a serial agent
     assert [u.state for u in launcher._judge_held(time.time())] == [State.RUN_TIMEOUT]
     launcher.procs.close()
+    # A real run: the only task kills itself; the idle timeout (0.3 s) waits for the
+    # judgement instead of taking the task's end for its own.
+    [task] = runnable(sqlite_site, {"command": ["sh", "-c", "kill -KILL $$"]})
+    run(sqlite_site)
+    assert run_end(sqlite_site, task)[0] == "RUN_ERROR"
+    assert run_end(sqlite_site, task)[1].startswith("killed by signal SIGKILL after")
 
 
 def test_a_task_ending_while_the_launcher_stops_on_its_own_keeps_its_result(

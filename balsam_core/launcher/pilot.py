@@ -262,9 +262,9 @@ class Launcher:
                 updates = []
                 if (
                     len(self.procs) or self.queue or (self.worker and not self.worker.idle)
-                    or self._db_backoff
+                    or self._db_backoff or self._held
                 ):
-                    idle_since = now  # busy, or cannot tell while the database is away
+                    idle_since = now  # busy, an exit to judge, or the database away
                 elif self._idle_too_long(now, idle_since):
                     if self.worker is None and self._work_coming():
                         idle_since = now  # another launcher's worker is preparing tasks
@@ -409,7 +409,7 @@ class Launcher:
                 if not self._stop.is_set():
                     self._held.append((time.time() + STOP_SIGNAL_HOLD_S, e))
                     continue
-                ending = "shutdown"  # died of the stop the launcher is handling, whatever its cause
+                ending = "shutdown"  # died of the stop the launcher is handling
             elif ending is None and self._by_signal:
                 # The batch system signals every process of the job at once: the task died
                 # of the same stop the launcher is handling, before it could end the task
