@@ -214,7 +214,9 @@ def test_cancel_of_finished_job_is_quiet(make_sched, bindir) -> None:
         make_sched().cancel("101.pbs01")  # still running: a real failure
 
 
-def test_malformed_ids_are_skipped_by_status_and_refused_by_cancel(make_sched, bindir, caplog) -> None:
+def test_malformed_ids_are_skipped_by_status_and_refused_by_cancel(
+    make_sched, bindir, caplog
+) -> None:
     """As the Slurm and Cobalt plugins: a status query skips (and logs) ids that are
     not PBS ids and asks ``qstat`` about the others; ``cancel`` refuses them."""
     (bindir / "q.json").write_text(json.dumps(QSTAT_JSON))
