@@ -284,7 +284,8 @@ class Launcher:
                 if self._held:
                     wake_at.append(self._held[0][0])
                 updates += self._collect(self.procs.wait(max(0.0, min(wake_at) - time.time())))
-                updates += self._judge_held(time.time())
+                if self._held:
+                    updates += self._judge_held(time.time())
                 if self.worker is not None and self.procs.readable(self.worker.fileno()):
                     if self.worker.read():
                         next_poll = 0.0  # the worker made tasks runnable: lease them now
