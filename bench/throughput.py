@@ -10,7 +10,10 @@ until all are JOB_FINISHED.
 Prints one JSON object per measurement (stdout) with both rates and their ratio.
 Second workload: N x ``sleep 0.05`` on K slots, wall time against the ideal.
 Each measurement runs ``--repeat`` times, alternating with its baseline, and medians
-are compared: run to run, this shared 2-core VM varies by up to 2x.
+are compared: run to run, this shared 2-core VM varies by up to 2x.  Run it with the
+interpreter the tasks' users have (on Debian, ``/usr/bin/python3``): a Python built with
+a shared, position-independent libpython (pyenv's default) runs Balsam's side ~15 %
+slower, the pool's hardly at all (``python_prefix`` in the output says which ran).
 
 The sites live in ``--site-root`` (default: the temporary directory).  Balsam makes a
 working directory and two output files per task, which the baseline does not; what
@@ -111,8 +114,10 @@ def main() -> None:
                         help="directory for the sites (default: the temporary directory)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="balsam-throughput-", dir=args.site_root))
-    common = {"python": platform.python_version(), "cpus": os.cpu_count(),
-              "loadavg_1m": os.getloadavg()[0], "repeat": args.repeat,
+    # The interpreter's build counts: Balsam's side is mostly Python, the pool's mostly
+    # waits for exec (python_prefix tells Debian's /usr from, e.g., a pyenv build).
+    common = {"python": platform.python_version(), "python_prefix": sys.base_prefix,
+              "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "repeat": args.repeat,
               "site_root": str(root.parent), "fs_ms_per_task": round(fs_cost_ms(root), 3)}
     runs = iter(range(10**6))
 
