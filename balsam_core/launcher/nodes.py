@@ -38,7 +38,7 @@ class NodePool:
 
     def has_room(self) -> bool:
         """Is any CPU free on a node not fully shared out?"""
-        return any(n.cpus > 0 and n.free_fraction > 1e-9 for n in self._free_now())
+        return any(n.cpus < n.spec.cpus and n.share < 1.0 - 1e-9 for n in self._nodes.values())
 
     def _free_now(self) -> list[NodeResources]:
         if self._free is None:
@@ -46,7 +46,8 @@ class NodePool:
                 NodeResources(
                     name=n.spec.name,
                     cpus=n.spec.cpus - n.cpus,
-                    gpu_ids=tuple(g for g in n.spec.gpu_ids if g not in n.gpus),
+                    gpu_ids=tuple(g for g in n.spec.gpu_ids if g not in n.gpus)
+                    if n.gpus else n.spec.gpu_ids,
                     free_fraction=max(0.0, 1.0 - n.share),
                 )
                 for n in self._nodes.values()
@@ -57,21 +58,22 @@ class NodePool:
         """Book *placement* for a task; refuses (ValueError) anything over capacity."""
         if placement.task_id in self._held:
             raise ValueError(f"task {placement.task_id} already holds nodes")
-        gpu_ids = placement.gpu_ids or tuple(() for _ in placement.nodes)
+        gpu_ids = placement.gpu_ids or ((),) * len(placement.nodes)
+        cpus, share = req.cpus_per_node, req.node_fraction
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
             if (
-                node.cpus + req.cpus_per_node > node.spec.cpus
-                or node.share + req.node_fraction > 1.0 + 1e-9
-                or node.gpus & set(gpus)
-                or not set(gpus) <= set(node.spec.gpu_ids)
+                node.cpus + cpus > node.spec.cpus
+                or node.share + share > 1.0 + 1e-9
+                or (gpus and not node.gpus.isdisjoint(gpus))
+                or (gpus and not set(gpus) <= set(node.spec.gpu_ids))
             ):
                 raise ValueError(f"placement of task {placement.task_id} over-commits node {name}")
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
-            node.cpus += req.cpus_per_node
-            node.share += req.node_fraction
-            node.gpus |= set(gpus)
+            node.cpus += cpus
+            node.share += share
+            node.gpus.update(gpus)
         self._held[placement.task_id] = (placement, req)
         self._free = None
 
@@ -82,12 +84,12 @@ class NodePool:
             return
         placement, req = held
         self._free = None
-        gpu_ids = placement.gpu_ids or tuple(() for _ in placement.nodes)
+        gpu_ids = placement.gpu_ids or ((),) * len(placement.nodes)
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
             node.cpus -= req.cpus_per_node
             node.share = max(0.0, node.share - req.node_fraction)
-            node.gpus -= set(gpus)
+            node.gpus.difference_update(gpus)
 
 
 def local_nodes(count: int, cpus_per_node: int, gpus_per_node: int) -> tuple[NodeSpec, ...]:

@@ -26,9 +26,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from array import array
 from collections.abc import Mapping, Sequence
-from itertools import accumulate
 from typing import Protocol
 
 #: How output files are opened by the child: appended to, created if missing.
@@ -170,28 +170,41 @@ def spawn(
     return SpawnedChild(pid.value)
 
 
+#: Most encoded strings :class:`_StringArray` keeps per thread (a task's own variables,
+#: such as its id, are new at every start: the cache starts over when full).
+ENCODED_MAX = 4096
+_encoded = threading.local()
+
+
 class _StringArray:
-    """A NULL-terminated ``char *[]`` of encoded strings, built in a few C-level
-    operations (element-wise ctypes arrays cost ~1 µs per string: the environment
-    alone was half of a start's Python time)."""
+    """A NULL-terminated ``char *[]`` of *strings*, encoded.
+
+    A task's environment is mostly the launcher's: the same strings come back start
+    after start.  Each is encoded once per thread and kept, NUL-terminated, with its
+    address, so an array is a list of addresses (encoding ~40 variables at every start
+    was a third of ``spawn``'s Python time).  The array holds its strings while it lives.
+    """
+
+    __slots__ = ("first", "pointers", "_strings", "_array")
 
     def __init__(self, strings: Sequence[str]) -> None:
-        data = "\0".join(strings).encode(_FS_ENCODING, _FS_ERRORS)
-        parts = data.split(b"\0")
-        if len(parts) != max(len(strings), 1):
-            bad = next(x for x in strings if "\0" in x)
-            raise ValueError(f"embedded null byte in {bad!r}")
-        #: The first string (argv[0]).
-        self.first = parts[0]
-        self._buffer = ctypes.create_string_buffer(data)
-        # String i starts after the i strings before it and their NULs; the running
-        # sum's last value (past the end) becomes the terminating NULL.
-        base = ctypes.addressof(self._buffer)
-        starts = accumulate(map((1).__add__, map(len, parts)), initial=base)
-        self._pointers = array("Q", starts if strings else [0])
-        self._pointers[-1] = 0
+        cache: dict[str, tuple[bytes, int]] | None = getattr(_encoded, "cache", None)
+        if cache is None or len(cache) > ENCODED_MAX:
+            cache = _encoded.cache = {}
+        self._strings = [cache.get(s) or _encoded_entry(cache, s) for s in strings]
+        self._array = array("Q", [address for _, address in self._strings])
+        self._array.append(0)
+        #: The first string (argv[0]), encoded.
+        self.first = self._strings[0][0][:-1] if self._strings else b""
         #: The array's address, for C.
-        self.pointers = self._pointers.buffer_info()[0]
+        self.pointers = self._array.buffer_info()[0]
+
+
+def _encoded_entry(cache: dict[str, tuple[bytes, int]], text: str) -> tuple[bytes, int]:
+    """*text* encoded and NUL-terminated, with the address of its bytes; now cached."""
+    data = _encode(text) + b"\0"
+    entry = cache[text] = (data, ctypes.cast(data, ctypes.c_void_p).value or 0)
+    return entry
 
 
 def _popen(
