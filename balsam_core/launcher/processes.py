@@ -121,10 +121,7 @@ class ProcessGroup:
         leaving anything running.
         """
         now = time.time()
-        child = spawn(
-            argv, env, cwd, self._devnull,
-            os.path.join(cwd, STDOUT_FILE), os.path.join(cwd, STDERR_FILE),
-        )
+        child = spawn(argv, env, cwd, self._devnull, STDOUT_FILE, STDERR_FILE)
         pidfd = os.pidfd_open(child.pid)
         running = Running(
             task_id, child, now, now + wall_time_s if wall_time_s else None, cwd, pidfd
