@@ -77,6 +77,8 @@ class Leaser:
 
     def take(self) -> LeaseResult | None:
         """The result of the last request, once it is there (then not :attr:`busy`)."""
+        if self._result is None:  # the hot loop asks at every turn; woken once it is there
+            return None
         with self._cond:
             result, self._result = self._result, None
             if result is not None:

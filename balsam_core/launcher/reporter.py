@@ -49,9 +49,16 @@ class Reporter:
                 self._pending.extend(updates)
             if urgent:
                 self._urgent.set()
-            self._has_work.set()
+            # Set at most once per flush (the hot loop adds at every turn); the thread
+            # clears it before taking the batch, so these updates are in that batch.
+            if not self._has_work.is_set():
+                self._has_work.set()
 
     def refused(self) -> list[int]:
+        """Ids the task source refused since the last call (without locking when none:
+        the hot loop asks at every turn; the thread wakes it after adding some)."""
+        if not self._refused:
+            return []
         with self._lock:
             ids, self._refused = self._refused, []
         return ids
