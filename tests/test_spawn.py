@@ -114,3 +114,33 @@ def test_nul_bytes_and_bad_names_are_refused_before_anything_runs(
 ) -> None:
     with pytest.raises(ValueError):
         start(argv, env)
+
+
+@pytest.mark.parametrize("libc", [LIBC, None], ids=["posix_spawn", "popen"])
+def test_relative_output_paths_are_in_the_working_directory(
+    libc: object, tmp_path: Path
+) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        child = spawn_module.spawn(
+            ["sh", "-c", "echo out; echo err >&2"], {"PATH": os.environ["PATH"]},
+            str(tmp_path), devnull, "job.out", "job.err", libc=libc,
+        )
+        deadline = time.monotonic() + 10
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.close(devnull)
+    assert (tmp_path / "job.out").read_text() == "out\n"
+    assert (tmp_path / "job.err").read_text() == "err\n"
+
+
+def test_each_start_gets_its_own_values_while_the_string_cache_starts_over(
+    start: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A task's id is a new string at every start, the others come back: with room for
+    # 3 strings the cache is dropped and refilled at every start here.
+    monkeypatch.setattr(spawn_module, "ENCODED_MAX", 3)
+    for task_id in range(8):
+        start(["sh", "-c", 'echo "$TASK"'], {"PATH": os.environ["PATH"], "TASK": str(task_id)})
+    assert (tmp_path / "out").read_text().split() == [str(i) for i in range(8)]

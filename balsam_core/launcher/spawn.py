@@ -114,6 +114,8 @@ def _check(rc: int) -> None:
 
 
 def _load_libc() -> _Libc | None:
+    if sys.implementation.name != "cpython":  # the arrays hold CPython objects' addresses
+        return None
     name = "CS_GNU_LIBC_VERSION"
     version = os.confstr(name) if name in os.confstr_names else None
     if not version or not version.startswith("glibc "):
