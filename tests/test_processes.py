@@ -1,4 +1,5 @@
-"""The launcher's process plumbing on its own: watched descriptors and the watchdog."""
+"""The launcher's process plumbing on its own: watched descriptors, wall-time and
+kill timers, and the watchdog."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,37 @@ def test_the_processing_workers_words_and_its_end_reach_the_loop(
     finally:
         group.unwatch(worker.fileno())
         worker.stop()
+
+
+def test_wall_times_and_kill_times_come_due_in_order_once_each(
+    group: ProcessGroup, tmp_path: Path
+) -> None:
+    env = {"PATH": os.environ["PATH"]}
+    for task_id, wall_s in ((1, 0.3), (2, 0.1), (3, 60.0)):
+        group.start(task_id, ["sleep", "30"], env, str(tmp_path), wall_s)
+    group.start(4, ["sleep", "30"], env, str(tmp_path), None)
+    started = time.time()
+    assert group.overdue(started) == []
+    assert group.overdue(started + 0.2) == [2]
+    group.end(2, "timeout")  # the launcher ends what is overdue (TERM, then KILL after 1 s)
+    group.end(1, "killed")  # ended for another reason first: no longer overdue
+    assert group.overdue(started + 1.0) == []
+    assert group.overdue(started + 61) == [3]
+    assert group.overdue(started + 61) == []  # once
+    exited: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(exited) < 2 and time.monotonic() < deadline:  # sleep dies of the SIGTERM
+        exited += [e.task_id for e in group.wait(0.5)]
+    assert sorted(exited) == [1, 2]
+    group.end_all("shutdown", timeout=2.0)
+
+
+def test_timers_of_ended_tasks_do_not_pile_up(group: ProcessGroup, tmp_path: Path) -> None:
+    # Many short tasks with a long wall time: their deadlines would stay queued until
+    # they came due (an hour of tasks at thousands per second) unless dropped.
+    env = {"PATH": os.environ["PATH"]}
+    for task_id in range(300):
+        group.start(task_id, ["true"], env, str(tmp_path), 3600.0)
+        while task_id in group:
+            group.wait(1.0)
+    assert len(group._deadlines) < 100  # compacted as it outgrows the running tasks

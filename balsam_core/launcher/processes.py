@@ -9,6 +9,7 @@ thread (or a signal handler) pokes it — never in fixed sleeps.
 
 from __future__ import annotations
 
+import heapq
 import os
 import select
 import signal
@@ -70,6 +71,12 @@ class ProcessGroup:
         self._epoll.register(self._wake_r, select.EPOLLIN)
         #: Every task's stdin (opened once: the hot loop starts many tasks).
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        #: (wall-time deadline, task id) and (SIGKILL time, task id), soonest first: a
+        #: turn looks at the first entries only, not at every running task.  Entries
+        #: of tasks that ended, or no longer have that time, are dropped as they come
+        #: up (and all at once when they outnumber the running tasks).
+        self._deadlines: list[tuple[float, int]] = []
+        self._kill_times: list[tuple[float, int]] = []
 
     def guard_orphans(self) -> None:
         """Start the watchdog that kills running tasks if this process dies uncleanly
@@ -129,6 +136,8 @@ class ProcessGroup:
         self._running[task_id] = running
         self._pidfds[pidfd] = task_id
         self._epoll.register(pidfd, select.EPOLLIN)
+        if running.deadline is not None:
+            self._push(self._deadlines, running.deadline, task_id)
         if self._deathwatch is not None:
             self._deathwatch.started(child.pid)  # its session id = its process group
         return running
@@ -175,11 +184,13 @@ class ProcessGroup:
         return exited
 
     def overdue(self, now: float) -> list[int]:
-        """Tasks past their wall time that are not being ended yet."""
-        return [
-            r.task_id for r in self._running.values()
-            if r.ending is None and r.deadline is not None and now >= r.deadline
-        ]
+        """Tasks past their wall time that are not being ended yet (each is returned
+        once: the caller ends it)."""
+        due = []
+        while (first := self._first(self._deadlines)) is not None and first[0] <= now:
+            heapq.heappop(self._deadlines)
+            due.append(first[1])
+        return due
 
     def end(self, task_id: int, reason: str, grace_s: float | None = None) -> None:
         """SIGTERM the task's whole tree now; SIGKILL what is left after the grace period
@@ -191,6 +202,7 @@ class ProcessGroup:
         running.tree = _tree(running.child.pid)
         _signal_all(running.child.pid, running.tree, signal.SIGTERM)
         running.kill_at = time.time() + (self.grace_s if grace_s is None else grace_s)
+        self._push(self._kill_times, running.kill_at, task_id)
 
     def end_all(self, reason: str, timeout: float) -> list[Exited]:
         """End every task and wait (at most *timeout*, then SIGKILL) until all exited."""
@@ -202,23 +214,48 @@ class ProcessGroup:
             exited += self.wait(0.05)
         for running in list(self._running.values()):
             running.kill_at = 0.0
+            self._push(self._kill_times, 0.0, running.task_id)
         self._escalate()
         while self._running:
             exited += self.wait(0.05)
         return exited
 
     def _escalate(self) -> None:
+        """SIGKILL what is left of the tasks whose grace period is over."""
         now = time.time()
-        for running in self._running.values():
-            if running.kill_at is not None and now >= running.kill_at:
-                running.tree = [p for p in running.tree if p.is_running()]
-                _signal_all(running.child.pid, running.tree, signal.SIGKILL)
-                running.kill_at = None
+        while (first := self._first(self._kill_times)) is not None and first[0] <= now:
+            heapq.heappop(self._kill_times)
+            running = self._running[first[1]]
+            running.tree = [p for p in running.tree if p.is_running()]
+            _signal_all(running.child.pid, running.tree, signal.SIGKILL)
+            running.kill_at = None
 
     def _next_deadline(self) -> float | None:
-        times = [r.kill_at for r in self._running.values() if r.kill_at is not None]
-        times += [r.deadline for r in self._running.values() if r.deadline and r.ending is None]
-        return min(times) if times else None
+        """The soonest wall-time deadline or SIGKILL time, if any."""
+        firsts = [f[0] for f in (self._first(self._deadlines), self._first(self._kill_times)) if f]
+        return min(firsts) if firsts else None
+
+    def _current(self, heap: list[tuple[float, int]], entry: tuple[float, int]) -> bool:
+        """Is *entry* still the time of a running task (its deadline while it is not
+        being ended, or its SIGKILL time)?"""
+        running = self._running.get(entry[1])
+        if running is None:
+            return False
+        if heap is self._deadlines:
+            return running.ending is None and running.deadline == entry[0]
+        return running.kill_at == entry[0]
+
+    def _first(self, heap: list[tuple[float, int]]) -> tuple[float, int] | None:
+        """The soonest current entry of *heap*, dropping stale ones before it."""
+        while heap and not self._current(heap, heap[0]):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _push(self, heap: list[tuple[float, int]], at: float, task_id: int) -> None:
+        if len(heap) > 2 * len(self._running) + 64:  # mostly tasks long ended: compact
+            heap[:] = [e for e in heap if self._current(heap, e)]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (at, task_id))
 
     def _forget(self, running: Running) -> None:
         self._running.pop(running.task_id, None)
