@@ -393,6 +393,14 @@ class CommandScheduler:
             log.warning("%s: %r is not a job id of this scheduler; skipped", self.name, bad)
         return wanted
 
+    def id_to_cancel(self, scheduler_id: str, pattern: re.Pattern[str], kind: str) -> str:
+        """*scheduler_id* as text if *pattern* matches all of it, else :class:`PluginError`
+        (*kind* names the scheduler in the message): a cancel passes nothing else on."""
+        sid = str(scheduler_id)
+        if not pattern.fullmatch(sid):
+            raise PluginError(f"{self.name}: cannot cancel {sid!r}: not a {kind} job id")
+        return sid
+
     def allocation_of(self, names: Sequence[str], end_time: float | None) -> Allocation:
         """An allocation of the nodes *names*, each with ``cpus_per_node`` CPUs and GPU
         ids ``0 .. gpus_per_node-1``."""

@@ -169,9 +169,7 @@ class CobaltScheduler(CommandScheduler):
 
     def cancel(self, scheduler_id: str) -> None:
         """``qdel <id>``; no error if Cobalt no longer lists the job."""
-        sid = str(scheduler_id)
-        if not _JOB_ID.match(sid):
-            raise PluginError(f"{WHAT}: cannot cancel {sid!r}: not a Cobalt job id")
+        sid = self.id_to_cancel(scheduler_id, _JOB_ID, "Cobalt")
         result = self._run(["qdel", sid], check=False)
         if result.returncode != 0 and sid in self.status([sid]):
             raise command_error(WHAT, result)

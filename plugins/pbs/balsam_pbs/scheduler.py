@@ -187,9 +187,7 @@ class PbsScheduler(CommandScheduler):
 
     def cancel(self, scheduler_id: str) -> None:
         """``qdel <id>``; no error if the job is unknown or already over."""
-        sid = str(scheduler_id)
-        if not _JOB_ID.fullmatch(sid):
-            raise PluginError(f"{WHAT}: cannot cancel {sid!r}: not a PBS job id")
+        sid = self.id_to_cancel(scheduler_id, _JOB_ID, "PBS")
         result = self._run(["qdel", sid], check=False)
         if result.returncode == 0:
             return

@@ -218,9 +218,8 @@ class SlurmScheduler(CommandScheduler):
 
     def cancel(self, scheduler_id: str) -> None:
         """``scancel <id>``; no error if the job already ended or is unknown."""
-        if not _JOB_ID.match(str(scheduler_id)):
-            raise PluginError(f"{WHAT}: cannot cancel {scheduler_id!r}: not a Slurm job id")
-        result = self._run(["scancel", str(scheduler_id)], check=False)
+        sid = self.id_to_cancel(scheduler_id, _JOB_ID, "Slurm")
+        result = self._run(["scancel", sid], check=False)
         if result.returncode != 0 and not _only_gone(result.stderr):
             raise command_error(WHAT, result)
 
