@@ -3,8 +3,10 @@ release and lease expiry, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -12,7 +14,7 @@ from sqlalchemy import select, update
 
 from balsam_core import LauncherInfo, LeasedTask, NodeResources, StateUpdate, TaskRequirements
 from balsam_core.api import Site
-from balsam_core.builtin.database_source import DatabaseTaskSource
+from balsam_core.builtin.database_source import DatabaseTaskSource, fitting, requirements
 from balsam_core.models import BatchJob, Launcher, Task, TaskEvent
 from balsam_core.states import State
 from balsam_core.transitions import Change
@@ -178,6 +180,56 @@ def test_lease_gives_only_what_fits_together(site: Site, source: DatabaseTaskSou
     pair = add_runnable(site, 1, num_nodes=2)
     assert source.lease(lid, [node, node], 10) == []
     assert ids_of(source.lease(lid, [node, NodeResources("n2", cpus=8)], 10)) == pair
+
+
+Row = namedtuple(
+    "Row", "id num_nodes ranks_per_node threads_per_rank gpus_per_rank node_packing_count"
+    " wall_time_min state_time",
+)
+
+
+def first_fit(rows: Sequence[Row], free: Sequence[NodeResources]) -> list[int]:
+    """What ``fitting`` picks, the plain way: every task against every node, in order."""
+    left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in free]
+    chosen = []
+    for row in rows:
+        req = requirements(row)
+        room: dict[str, list] = {}
+        for node in left:
+            if (
+                node[1] >= req.cpus_per_node and node[2] >= req.gpus_per_node
+                and node[3] >= req.node_fraction - 1e-9 and len(room) < req.num_nodes
+            ):
+                room.setdefault(node[0], node)
+        if len(room) == req.num_nodes:
+            for node in room.values():
+                node[1] -= req.cpus_per_node
+                node[2] -= req.gpus_per_node
+                node[3] -= req.node_fraction
+            chosen.append(row.id)
+    return chosen
+
+
+def test_fitting_is_first_fit_whatever_it_skips() -> None:
+    """``fitting`` looks only at nodes with room and skips tasks at least as big as one
+    that did not fit (it runs inside the lease's transaction): it picks what a plain
+    first fit of every task on every node picks."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        free = [
+            NodeResources(
+                f"n{rng.randint(0, 5)}", rng.choice([0, 0, 1, 4, 8]),
+                tuple(range(rng.randint(0, 2))), rng.choice([0.0, 0.25, 0.5, 1.0, 1.0]),
+            )
+            for _ in range(rng.randint(1, 10))
+        ]
+        rows = [
+            Row(i, rng.choice([1, 1, 1, 2]), rng.randint(1, 4), rng.choice([1, 2]),
+                rng.choice([0, 0, 1]), rng.choice([1, 2, 4]), 0.0, 0.0)
+            for i in range(rng.randint(0, 30))
+        ]
+        got = [row.id for row, _ in fitting(rows, free)]
+        assert got == first_fit(rows, free), f"seed {seed}"
 
 
 def test_lease_is_exactly_once(site: Site, source: DatabaseTaskSource) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from balsam_core import Placement, TaskRequirements
 from balsam_core.api import Site
 from balsam_core.launcher.nodes import local_nodes
 from balsam_core.launcher.pilot import (
@@ -114,6 +115,26 @@ def test_tasks_leased_ahead_follow_the_start_rate(sqlite_site: Site) -> None:
     assert launcher._ahead(start + 1.0) == 300
     launcher.stats.started = 2410  # a start per second
     assert launcher._ahead(start + 11.0) == MIN_AHEAD
+
+
+def test_busy_slots_are_not_leased_for(sqlite_site: Site) -> None:
+    """Tasks are leased for the free slots plus those leased ahead: a launcher whose
+    slots are all busy holds no more queued than it starts in ``LEASE_AHEAD_S`` (with
+    thousands of nodes, it held a whole allocation's worth while others idled)."""
+    launcher = Launcher(
+        sqlite_site, LauncherOptions(nodes=local_nodes(2, 8, 0), prefetch=300), processing=False
+    )
+    now = launcher._rate_mark[1]
+    free, limit = launcher._lease_request(now)
+    assert limit == 16 + MIN_AHEAD and sum(n.cpus for n in free) == 16 + 16  # idle: all free
+    for task_id, node in enumerate(launcher.pool.nodes):
+        launcher.pool.take(Placement(task_id, (node.name,)), TaskRequirements(task_id, ranks_per_node=8))
+    free, limit = launcher._lease_request(now)
+    assert limit == MIN_AHEAD and sum(n.cpus for n in free) == 16  # room ahead only
+    launcher.queue = dict.fromkeys(range(MIN_AHEAD // 2))  # type: ignore[arg-type]
+    assert not launcher._wants_lease(now)
+    launcher.pool.release(0)  # an exit: its slots are leased for again
+    assert launcher._wants_lease(now) and launcher._lease_request(now)[1] == 8 + MIN_AHEAD // 2
 
 
 def test_an_idle_launcher_without_a_worker_sees_work_being_prepared(sqlite_site: Site) -> None:

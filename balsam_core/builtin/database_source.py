@@ -52,6 +52,7 @@ load_json = models.load_json
 log = logging.getLogger(__name__)
 
 _RUNNABLE = frozenset(s.value for s in RUNNABLE)
+_CPUS = operator.attrgetter("cpus")
 
 
 #: What a lease reads of each task (``task`` joined with its ``app``), as the fields of
@@ -116,15 +117,27 @@ def fitting(
     The lease query only checks each task against the biggest free node; without this a
     launcher could hold tasks it has no room for while another launcher idles.  A node
     listed twice (capacity the launcher leases ahead for) counts once per task: a
-    multi-node task needs distinct node names.
+    multi-node task needs distinct node names.  Runs inside the lease's transaction, so
+    it looks only at nodes with room (a launcher lists all of its nodes, busy ones too)
+    and tries no task that needs at least what a task that did not fit needs.
     """
-    left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in free]
+    with_cpus = itertools.compress(free, map(_CPUS, free))
+    left = [
+        [n.name, n.cpus, len(n.gpu_ids), n.free_fraction]
+        for n in with_cpus if n.free_fraction > 1e-9
+    ]
     chosen = []
+    failed: list[tuple[int, int, int, float]] = []  # free room only shrinks
     first = 0  # the nodes before it have no CPU left (first fit fills them in order)
     for task in tasks:
-        req = requirements(task)
         while first < len(left) and left[first][1] <= 0:
             first += 1
+        if first == len(left):
+            break  # no CPU left anywhere
+        req = requirements(task)
+        shape = (req.num_nodes, req.cpus_per_node, req.gpus_per_node, req.node_fraction)
+        if any(all(map(operator.ge, shape, f)) for f in failed):
+            continue
         room: dict[str, list] = {}
         for node in itertools.islice(left, first, None):
             if (
@@ -136,6 +149,7 @@ def fitting(
                 if len(room) == req.num_nodes:
                     break
         if len(room) < req.num_nodes:
+            failed.append(shape)
             continue
         for node in room.values():
             node[1] -= req.cpus_per_node

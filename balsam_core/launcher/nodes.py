@@ -13,46 +13,63 @@ from ..plugin_types import NodeResources, NodeSpec, Placement, TaskRequirements
 @dataclass
 class _Node:
     spec: NodeSpec
+    #: Position in the allocation (and in :meth:`NodePool.free`).
+    index: int
     cpus: int = 0
     share: float = 0.0
     gpus: set[int] = field(default_factory=set)
 
+    @property
+    def has_room(self) -> bool:
+        return self.cpus < self.spec.cpus and self.share < 1.0 - 1e-9
+
+    def resources(self) -> NodeResources:
+        """What is free on the node."""
+        return NodeResources(
+            name=self.spec.name,
+            cpus=self.spec.cpus - self.cpus,
+            gpu_ids=tuple(g for g in self.spec.gpu_ids if g not in self.gpus)
+            if self.gpus else self.spec.gpu_ids,
+            free_fraction=max(0.0, 1.0 - self.share),
+        )
+
 
 class NodePool:
-    """Book-keeping of the allocation's nodes; the launcher's only view of free resources."""
+    """Book-keeping of the allocation's nodes; the launcher's only view of free resources.
+
+    A start or an exit changes the nodes of one task, so what is free is brought up to
+    date node by node: with thousands of nodes, nothing here costs per node of the
+    allocation at each start but :meth:`free`'s copy of a list.
+    """
 
     def __init__(self, nodes: Sequence[NodeSpec]) -> None:
         if not nodes:
             raise ValueError("an allocation needs at least one node")
-        self._nodes = {n.name: _Node(n) for n in nodes}
+        self._nodes = {n.name: _Node(n, i) for i, n in enumerate(nodes)}
+        if len(self._nodes) < len(nodes):
+            raise ValueError("the allocation lists a node twice")
         self._held: dict[int, tuple[Placement, TaskRequirements]] = {}
-        self._free: list[NodeResources] | None = None  # until the next take or release
+        self._free = [n.resources() for n in self._nodes.values()]
+        self._stale: dict[int, _Node] = {}  # changed since _free was brought up to date
+        self._with_room = sum(n.has_room for n in self._nodes.values())
+        #: CPU slots of the allocation, and how many of them no task holds.
+        self.cpus = self.free_cpus = sum(n.cpus for n in nodes)
 
     @property
     def nodes(self) -> list[NodeSpec]:
         return [n.spec for n in self._nodes.values()]
 
     def free(self) -> list[NodeResources]:
-        """Every node with what is left on it (busy nodes too, with nothing free)."""
-        return list(self._free_now())
+        """Every node with what is left on it (busy nodes too, with nothing free), in
+        the allocation's order."""
+        for index, node in self._stale.items():
+            self._free[index] = node.resources()
+        self._stale.clear()
+        return list(self._free)
 
     def has_room(self) -> bool:
         """Is any CPU free on a node not fully shared out?"""
-        return any(n.cpus < n.spec.cpus and n.share < 1.0 - 1e-9 for n in self._nodes.values())
-
-    def _free_now(self) -> list[NodeResources]:
-        if self._free is None:
-            self._free = [
-                NodeResources(
-                    name=n.spec.name,
-                    cpus=n.spec.cpus - n.cpus,
-                    gpu_ids=tuple(g for g in n.spec.gpu_ids if g not in n.gpus)
-                    if n.gpus else n.spec.gpu_ids,
-                    free_fraction=max(0.0, 1.0 - n.share),
-                )
-                for n in self._nodes.values()
-            ]
-        return self._free
+        return self._with_room > 0
 
     def take(self, placement: Placement, req: TaskRequirements) -> None:
         """Book *placement* for a task; refuses (ValueError) anything over capacity."""
@@ -71,11 +88,13 @@ class NodePool:
                 raise ValueError(f"placement of task {placement.task_id} over-commits node {name}")
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
+            had_room = node.has_room
             node.cpus += cpus
             node.share += share
             node.gpus.update(gpus)
+            self._changed(node, had_room)
+        self.free_cpus -= cpus * len(placement.nodes)
         self._held[placement.task_id] = (placement, req)
-        self._free = None
 
     def release(self, task_id: int) -> None:
         """Give back what *task_id* held (no-op if it held nothing)."""
@@ -83,13 +102,19 @@ class NodePool:
         if held is None:
             return
         placement, req = held
-        self._free = None
         gpu_ids = placement.gpu_ids or ((),) * len(placement.nodes)
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
+            had_room = node.has_room
             node.cpus -= req.cpus_per_node
             node.share = max(0.0, node.share - req.node_fraction)
             node.gpus.difference_update(gpus)
+            self._changed(node, had_room)
+        self.free_cpus += req.cpus_per_node * len(placement.nodes)
+
+    def _changed(self, node: _Node, had_room: bool) -> None:
+        self._stale[node.index] = node
+        self._with_room += node.has_room - had_room
 
 
 def local_nodes(count: int, cpus_per_node: int, gpus_per_node: int) -> tuple[NodeSpec, ...]:

@@ -81,7 +81,7 @@ MIN_AHEAD = 16
 #: Seconds over which the start rate is measured.
 RATE_WINDOW_S = 0.1
 #: Fewest queued tasks the packing strategy chooses from at a time (and at least four
-#: per CPU slot).
+#: per free CPU slot: after an exit it sees a few dozen, not the whole queue).
 MIN_PACKING_WINDOW = 64
 
 
@@ -151,7 +151,8 @@ class Launcher:
         self.reporter: Reporter | None = None
         self.leaser: Leaser | None = None
         self.pool = NodePool(options.nodes)
-        self._window = max(MIN_PACKING_WINDOW, 4 * self._slots())
+        #: The allocation's nodes, idle: the room a lease ahead of need is asked for.
+        self._idle = tuple(NodeResources(n.name, n.cpus, n.gpu_ids) for n in options.nodes)
         self.procs = ProcessGroup(grace_s=options.grace_s)
         self.queue: dict[int, LeasedTask] = {}
         self.stats = LauncherStats()
@@ -216,7 +217,7 @@ class Launcher:
             # The first tasks start before the rest is set up: they are what the
             # allocation waits for.  Then the worker is forked (before any thread starts).
             now = time.time()
-            first = lease(self.source, self.launcher_id, self.pool.free(), self._slots())
+            first = lease(self.source, self.launcher_id, self.pool.free(), self.pool.cpus)
             next_poll = self._leased(first, now)
             updates += self._start_placed(now)
             self._start_processor()
@@ -298,19 +299,15 @@ class Launcher:
 
     # ------------------------------------------------------------------ steps
 
-    def _slots(self) -> int:
-        """CPU slots of the allocation: an upper bound of tasks running at once."""
-        return sum(n.cpus for n in self.options.nodes)
-
     def _wants_lease(self, now: float) -> bool:
         """Should the queue be topped up?  With ``prefetch``, once it holds fewer tasks
-        than the slots plus half the tasks to lease ahead (busy nodes or not: the lease
-        is ahead of need); without, only while there is free room."""
+        than the free CPU slots plus half the tasks to lease ahead (busy nodes or not:
+        the lease is ahead of need); without, only while there is free room."""
         if now >= self._lease_deadline():
             return False
         if self.options.prefetch:
-            return len(self.queue) < self._slots() + self._ahead(now) // 2
-        return len(self.queue) < self._slots() and self.pool.has_room()
+            return len(self.queue) < self.pool.free_cpus + self._ahead(now) // 2
+        return len(self.queue) < self.pool.free_cpus and self.pool.has_room()
 
     def _ahead(self, now: float) -> int:
         """Tasks to lease beyond the free slots: what the loop starts in
@@ -330,9 +327,8 @@ class Launcher:
         if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
-            copies = -(-prefetch // self._slots())
-            free += [NodeResources(n.name, n.cpus, n.gpu_ids) for n in self.options.nodes] * copies
-        return free, self._slots() + prefetch - len(self.queue)
+            free += self._idle * -(-prefetch // self.pool.cpus)
+        return free, self.pool.free_cpus + prefetch - len(self.queue)
 
     def _leased(self, result: LeaseResult, now: float) -> float:
         """Queue what a lease brought; return when to lease next."""
@@ -350,7 +346,8 @@ class Launcher:
         # The packer sees the head of the queue (oldest first): a task further back moves
         # up as those ahead start.  The whole queue, on every start, cost O(tasks leased
         # ahead) per start.
-        head = list(itertools.islice(self.queue.values(), self._window))
+        window = max(MIN_PACKING_WINDOW, 4 * self.pool.free_cpus)
+        head = list(itertools.islice(self.queue.values(), window))
         if self.options.end_time is not None:
             head = self._finishable(head, now)
         ready = [t.requirements for t in head]
