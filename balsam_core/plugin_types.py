@@ -404,7 +404,14 @@ class PackingStrategy(Protocol):
     def place(
         self, ready: Sequence[TaskRequirements], free: Sequence[NodeResources], now: float
     ) -> list[Placement]:
-        """Place some of *ready* onto *free*; never over-commit a node."""
+        """Place some of *ready* onto *free*; never over-commit a node.
+
+        The launcher calls this after every exit that frees room, with the head of its
+        queue (oldest first, a few per free CPU slot) and every node of its allocation,
+        in the allocation's order, busy ones with nothing free (so that a reservation
+        can pick them).  With thousands of nodes, most of them busy, a call should not
+        do Python work per busy node.
+        """
 
     def size_jobs(
         self,
