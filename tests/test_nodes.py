@@ -77,7 +77,7 @@ def test_free_is_a_copy_and_over_commits_are_refused() -> None:
 
 
 def test_an_allocation_lists_each_node_once() -> None:
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="lists node n0 twice"):
         NodePool([SPECS[0], SPECS[0]])
     with pytest.raises(ValueError, match="at least one node"):
         NodePool([])

@@ -47,7 +47,8 @@ class NodePool:
             raise ValueError("an allocation needs at least one node")
         self._nodes = {n.name: _Node(n, i) for i, n in enumerate(nodes)}
         if len(self._nodes) < len(nodes):
-            raise ValueError("the allocation lists a node twice")
+            twice = next(n.name for i, n in enumerate(nodes) if self._nodes[n.name].index != i)
+            raise ValueError(f"the allocation lists node {twice} twice")
         self._held: dict[int, tuple[Placement, TaskRequirements]] = {}
         self._free = [n.resources() for n in self._nodes.values()]
         self._stale: dict[int, _Node] = {}  # changed since _free was brought up to date
