@@ -20,8 +20,9 @@ class _Node:
     gpus: set[int] = field(default_factory=set)
 
     @property
-    def has_room(self) -> bool:
-        return self.cpus < self.spec.cpus and self.share < 1.0 - 1e-9
+    def free_slots(self) -> int:
+        """CPUs a task could still get here (none once the node's share is handed out)."""
+        return self.spec.cpus - self.cpus if self.share < 1.0 - 1e-9 else 0
 
     def resources(self) -> NodeResources:
         """What is free on the node."""
@@ -52,8 +53,8 @@ class NodePool:
         self._held: dict[int, tuple[Placement, TaskRequirements]] = {}
         self._free = [n.resources() for n in self._nodes.values()]
         self._stale: dict[int, _Node] = {}  # changed since _free was brought up to date
-        self._with_room = sum(n.has_room for n in self._nodes.values())
-        #: CPU slots of the allocation, and how many of them no task holds.
+        #: CPU slots of the allocation, and those a task could still get (free CPUs of
+        #: nodes whose share is not all handed out).
         self.cpus = self.free_cpus = sum(n.cpus for n in nodes)
 
     @property
@@ -70,7 +71,7 @@ class NodePool:
 
     def has_room(self) -> bool:
         """Is any CPU free on a node not fully shared out?"""
-        return self._with_room > 0
+        return self.free_cpus > 0
 
     def take(self, placement: Placement, req: TaskRequirements) -> None:
         """Book *placement* for a task; refuses (ValueError) anything over capacity."""
@@ -89,12 +90,11 @@ class NodePool:
                 raise ValueError(f"placement of task {placement.task_id} over-commits node {name}")
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
-            had_room = node.has_room
+            slots = node.free_slots
             node.cpus += cpus
             node.share += share
             node.gpus.update(gpus)
-            self._changed(node, had_room)
-        self.free_cpus -= cpus * len(placement.nodes)
+            self._changed(node, slots)
         self._held[placement.task_id] = (placement, req)
 
     def release(self, task_id: int) -> None:
@@ -106,16 +106,15 @@ class NodePool:
         gpu_ids = placement.gpu_ids or ((),) * len(placement.nodes)
         for name, gpus in zip(placement.nodes, gpu_ids):
             node = self._nodes[name]
-            had_room = node.has_room
+            slots = node.free_slots
             node.cpus -= req.cpus_per_node
             node.share = max(0.0, node.share - req.node_fraction)
             node.gpus.difference_update(gpus)
-            self._changed(node, had_room)
-        self.free_cpus += req.cpus_per_node * len(placement.nodes)
+            self._changed(node, slots)
 
-    def _changed(self, node: _Node, had_room: bool) -> None:
+    def _changed(self, node: _Node, slots_before: int) -> None:
         self._stale[node.index] = node
-        self._with_room += node.has_room - had_room
+        self.free_cpus += node.free_slots - slots_before
 
 
 def local_nodes(count: int, cpus_per_node: int, gpus_per_node: int) -> tuple[NodeSpec, ...]:

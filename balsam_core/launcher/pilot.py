@@ -307,7 +307,7 @@ class Launcher:
             return False
         if self.options.prefetch:
             return len(self.queue) < self.pool.free_cpus + self._ahead(now) // 2
-        return len(self.queue) < self.pool.free_cpus and self.pool.has_room()
+        return len(self.queue) < self.pool.free_cpus
 
     def _ahead(self, now: float) -> int:
         """Tasks to lease beyond the free slots: what the loop starts in
