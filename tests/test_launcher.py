@@ -128,7 +128,8 @@ def test_busy_slots_are_not_leased_for(sqlite_site: Site) -> None:
     free, limit = launcher._lease_request(now)
     assert limit == 16 + MIN_AHEAD and sum(n.cpus for n in free) == 16 + 16  # idle: all free
     for task_id, node in enumerate(launcher.pool.nodes):
-        launcher.pool.take(Placement(task_id, (node.name,)), TaskRequirements(task_id, ranks_per_node=8))
+        whole = TaskRequirements(task_id, ranks_per_node=8)
+        launcher.pool.take(Placement(task_id, (node.name,)), whole)
     free, limit = launcher._lease_request(now)
     assert limit == MIN_AHEAD and sum(n.cpus for n in free) == 16  # room ahead only
     launcher.queue = dict.fromkeys(range(MIN_AHEAD // 2))  # type: ignore[arg-type]
