@@ -50,6 +50,7 @@ from .plugin_types import (
     TaskSource,
     TaskSourcePlugin,
     TransitionEvent,
+    nodes_with_room,
 )
 from .states import BATCH_JOB_END, RUNNABLE, BatchJobState, InvalidTransition, State, is_allowed
 from .recovery import decide_chain, describe_exit
@@ -144,6 +145,7 @@ __all__ = [
     "MpiLauncher",
     "MpiLauncherPlugin",
     "NodeResources",
+    "nodes_with_room",
     "NodeSpec",
     "NotFound",
     "PackingStrategy",

@@ -13,6 +13,8 @@ classes here (requirements, free resources, the time "now") and return decisions
 from __future__ import annotations
 
 import enum
+import itertools
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +82,18 @@ class NodeResources:
     @property
     def idle(self) -> bool:
         return self.free_fraction >= 1.0 - 1e-9
+
+
+def nodes_with_room(free: Sequence[NodeResources]) -> list[int]:
+    """The indices, in order, of the nodes of *free* with a CPU and some share free.
+
+    A launcher lists every node of its allocation, busy ones with nothing free, at every
+    start: nodes without a free CPU are skipped in C (tens of nanoseconds each)."""
+    with_cpus = itertools.compress(range(len(free)), map(_CPUS, free))
+    return [i for i in with_cpus if free[i].free_fraction > 1e-9]
+
+
+_CPUS = operator.attrgetter("cpus")
 
 
 @dataclass(frozen=True)

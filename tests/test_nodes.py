@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from balsam_core import NodeResources, NodeSpec, Placement, TaskRequirements
+from balsam_core import NodeResources, NodeSpec, Placement, TaskRequirements, nodes_with_room
 from balsam_core.builtin.packing import FifoPacking
 from balsam_core.launcher.nodes import NodePool
 
@@ -81,3 +81,14 @@ def test_an_allocation_lists_each_node_once() -> None:
         NodePool([SPECS[0], SPECS[0]])
     with pytest.raises(ValueError, match="at least one node"):
         NodePool([])
+
+
+def test_nodes_with_room_are_those_with_a_cpu_and_a_share_free() -> None:
+    rng = random.Random(3)
+    free = [
+        NodeResources(f"n{i}", rng.choice([0, 0, 1, 8]), (), rng.choice([0.0, 1e-12, 0.5, 1.0]))
+        for i in range(200)
+    ]
+    plain = [i for i, n in enumerate(free) if n.cpus > 0 and n.free_fraction > 1e-9]
+    assert nodes_with_room(free) == plain and plain
+    assert nodes_with_room([]) == []

@@ -40,6 +40,7 @@ from balsam_core import (
     TaskSourcePlugin,
     hookimpl,
     is_allowed,
+    nodes_with_room,
     leasable_sql,
     models,
     render_argv,
@@ -52,7 +53,6 @@ load_json = models.load_json
 log = logging.getLogger(__name__)
 
 _RUNNABLE = frozenset(s.value for s in RUNNABLE)
-_CPUS = operator.attrgetter("cpus")
 
 
 #: What a lease reads of each task (``task`` joined with its ``app``), as the fields of
@@ -121,11 +121,8 @@ def fitting(
     it looks only at nodes with room (a launcher lists all of its nodes, busy ones too)
     and tries no task that needs at least what a task that did not fit needs.
     """
-    with_cpus = itertools.compress(free, map(_CPUS, free))
-    left = [
-        [n.name, n.cpus, len(n.gpu_ids), n.free_fraction]
-        for n in with_cpus if n.free_fraction > 1e-9
-    ]
+    room = [free[i] for i in nodes_with_room(free)]
+    left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in room]
     chosen = []
     failed: list[tuple[int, int, int, float]] = []  # free room only shrinks
     first = 0  # the nodes before it have no CPU left (first fit fills them in order)

@@ -32,7 +32,6 @@ busy ones with zero free) or more CPUs/GPUs than an idle node offers.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +49,7 @@ from balsam_core import (
     QueuePolicy,
     TaskRequirements,
     hookimpl,
+    nodes_with_room,
 )
 
 __all__ = [
@@ -65,7 +65,6 @@ _EPS = 1e-9
 _Shape = tuple[int, int, int, float]
 #: A node in a shape's heap: ``(*rank, index, version)``.
 _Entry = tuple[float, ...]
-_CPUS = operator.attrgetter("cpus")
 
 
 @dataclass(frozen=True)
@@ -137,10 +136,8 @@ class _Pool:
         self.free = free
         self.best_fit = best_fit
         self.heaps: dict[_Shape, list[_Entry]] = {}
-        #: The tallies of the nodes with room, by index in *free* (found in C: a busy
-        #: node, 0 CPUs free, costs tens of nanoseconds).
-        with_cpus = itertools.compress(range(len(free)), map(_CPUS, free))
-        self.nodes = {i: _Node(i, free[i]) for i in with_cpus if free[i].free_fraction > _EPS}
+        #: The tallies of the nodes with room, by index in *free*.
+        self.nodes = {i: _Node(i, free[i]) for i in nodes_with_room(free)}
         self.open = list(self.nodes.values())  # compacted when a heap is built
         self.live = len(self.open)
 

@@ -52,6 +52,8 @@ class NodePool:
             raise ValueError(f"the allocation lists node {twice} twice")
         self._held: dict[int, tuple[Placement, TaskRequirements]] = {}
         self._free = [n.resources() for n in self._nodes.values()]
+        #: Every node with nothing taken, in the allocation's order.
+        self.idle = tuple(self._free)
         self._stale: dict[int, _Node] = {}  # changed since _free was brought up to date
         #: CPU slots of the allocation, and those a task could still get (free CPUs of
         #: nodes whose share is not all handed out).

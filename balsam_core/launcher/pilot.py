@@ -151,8 +151,6 @@ class Launcher:
         self.reporter: Reporter | None = None
         self.leaser: Leaser | None = None
         self.pool = NodePool(options.nodes)
-        #: The allocation's nodes, idle: the room a lease ahead of need is asked for.
-        self._idle = tuple(NodeResources(n.name, n.cpus, n.gpu_ids) for n in options.nodes)
         self.procs = ProcessGroup(grace_s=options.grace_s)
         self.queue: dict[int, LeasedTask] = {}
         self.stats = LauncherStats()
@@ -327,7 +325,7 @@ class Launcher:
         if prefetch:
             # Room for `prefetch` tasks ahead, in whole copies of the allocation's nodes:
             # the source only leases what fits, and freed slots refill without a lease.
-            free += self._idle * -(-prefetch // self.pool.cpus)
+            free += self.pool.idle * -(-prefetch // self.pool.cpus)
         return free, self.pool.free_cpus + prefetch - len(self.queue)
 
     def _leased(self, result: LeaseResult, now: float) -> float:
