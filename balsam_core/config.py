@@ -104,7 +104,8 @@ class LauncherSection:
     gpus_per_node: int = 0
     #: Flags added to every MPI launch at this site.
     mpi_flags: list[str] = field(default_factory=list)
-    #: Seconds between lease renewals; a lease lasts ``lease_s``.
+    #: Seconds between a launcher's heartbeats (which renew all its leases); a launcher
+    #: with no heartbeat for ``lease_s`` is lost and its tasks are reclaimed.
     heartbeat_s: float = 10.0
     lease_s: float = 60.0
 

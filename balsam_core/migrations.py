@@ -27,7 +27,7 @@ from sqlalchemy import Column, Connection, Float, ForeignKey, Index, Integer, Me
 from sqlalchemy import Table, Text
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _batch_job_history(conn: Connection) -> None:
@@ -65,5 +65,25 @@ def _work_indexes(conn: Connection) -> None:
     )
 
 
+
+def _liveness_indexes(conn: Connection) -> None:
+    """Version 4: the partial indexes through which a heartbeat finds its killed tasks and
+    a lease expiry finds lost launchers and expired leases, each without a pass over the
+    tasks that launchers hold (a launcher's leases last as long as its heartbeat)."""
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_task_killed ON task (lease_launcher_id) "
+        "WHERE state = 'USER_KILLED' AND lease_launcher_id IS NOT NULL"
+    )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_task_lease_expires ON task (lease_expires) "
+        "WHERE lease_expires IS NOT NULL"
+    )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_launcher_live ON launcher (heartbeat) WHERE stopped IS NULL"
+    )
+
+
 #: ``MIGRATIONS[n]`` upgrades a version ``n-1`` database to version ``n``.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _batch_job_history, 3: _work_indexes}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _batch_job_history, 3: _work_indexes, 4: _liveness_indexes,
+}

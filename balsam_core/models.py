@@ -99,6 +99,15 @@ class App(Base):
 #: uses it only when it repeats this text.
 HAS_STAGING = "input_files != '[]' OR stage_in != '[]'"
 
+#: SQL: a killed task still leased to a launcher (which has yet to end it): the rows of
+#: the partial index ``ix_task_killed``, which a query uses only when it repeats this text.
+KILLED_HELD = "state = 'USER_KILLED' AND lease_launcher_id IS NOT NULL"
+
+
+def _partial_index(name: str, *columns: str, where: str) -> Index:
+    """An index of the rows matching the SQL condition *where*, on SQLite and PostgreSQL."""
+    return Index(name, *columns, sqlite_where=text(where), postgresql_where=text(where))
+
 
 class Task(Base):
     """One run of a program, its resources, its place in the DAG, and its state."""
@@ -156,28 +165,15 @@ class Task(Base):
         Index("ix_task_state_id", "state", "id"),
         Index("ix_task_workflow_state_id", "workflow", "state", "id"),
         # Partial: most tasks have neither, and bulk inserts then skip these indexes.
-        Index(
-            "ix_task_lease",
-            "lease_launcher_id",
-            sqlite_where=text("lease_launcher_id IS NOT NULL"),
-            postgresql_where=text("lease_launcher_id IS NOT NULL"),
-        ),
+        _partial_index("ix_task_lease", "lease_launcher_id", where="lease_launcher_id IS NOT NULL"),
+        # What a heartbeat and a lease expiry read, without a pass over every held task.
+        _partial_index("ix_task_killed", "lease_launcher_id", where=KILLED_HELD),
+        _partial_index("ix_task_lease_expires", "lease_expires", where="lease_expires IS NOT NULL"),
         # Partial: what the processing worker looks for among a backlog of tasks with
         # nothing to do before their run (``fastforward.work_before_run``).
-        Index(
-            "ix_task_staging", "state", "id",
-            sqlite_where=text(HAS_STAGING), postgresql_where=text(HAS_STAGING),
-        ),
-        Index(
-            "ix_task_app_state", "app_id", "state",
-            sqlite_where=text("app_id IS NOT NULL"), postgresql_where=text("app_id IS NOT NULL"),
-        ),
-        Index(
-            "ix_task_spawned_by",
-            "spawned_by",
-            sqlite_where=text("spawned_by IS NOT NULL"),
-            postgresql_where=text("spawned_by IS NOT NULL"),
-        ),
+        _partial_index("ix_task_staging", "state", "id", where=HAS_STAGING),
+        _partial_index("ix_task_app_state", "app_id", "state", where="app_id IS NOT NULL"),
+        _partial_index("ix_task_spawned_by", "spawned_by", where="spawned_by IS NOT NULL"),
         {"sqlite_autoincrement": True},
     )
 
@@ -309,4 +305,9 @@ class Launcher(Base):
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started: Mapped[float] = mapped_column(Float, default=time.time)
     heartbeat: Mapped[float] = mapped_column(Float, default=time.time)
+    #: When it stopped: its release, or its last heartbeat once another process found it
+    #: lost (no heartbeat for ``lease_s``) and reclaimed its tasks.
     stopped: Mapped[float | None] = mapped_column(Float, default=None)
+
+    #: The launchers not known to have stopped: where a lease expiry looks for lost ones.
+    __table_args__ = (_partial_index("ix_launcher_live", "heartbeat", where="stopped IS NULL"),)

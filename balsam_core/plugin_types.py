@@ -402,13 +402,17 @@ class TaskSource(Protocol):
         """Record a batch of state changes; return ids refused (lease lost or task killed)."""
 
     def heartbeat(self, launcher_id: int) -> set[int]:
-        """Renew the launcher's leases; return ids of its leased tasks that were killed."""
+        """Renew the launcher's leases; return ids of its leased tasks that were killed.
+
+        Called on the launcher's loop thread every ``heartbeat_s``: its cost should not
+        grow with the number of tasks the launcher holds."""
 
     def release(self, launcher_id: int) -> None:
         """Give back every lease the launcher holds (end of allocation)."""
 
     def expire_leases(self, now: float) -> int:
-        """Reclaim tasks whose lease ran out; return how many."""
+        """Reclaim tasks whose lease ran out (those of a launcher with no heartbeat for
+        ``lease_s`` among them): running ones to RUN_TIMEOUT; return how many."""
 
 
 @runtime_checkable

@@ -99,7 +99,8 @@ cpus_per_node = {cpus_per_node}
 gpus_per_node = {gpus_per_node}
 # Flags added to every MPI launch, e.g. ["--bind-to", "core"].
 mpi_flags = []
-# Leases on running tasks last lease_s and are renewed every heartbeat_s.
+# A launcher heartbeats every heartbeat_s; with none for lease_s it counts as lost
+# and its tasks are reclaimed (running ones -> RUN_TIMEOUT).
 heartbeat_s = 10.0
 lease_s = 60.0
 

@@ -271,11 +271,18 @@ def test_upgrade_from_version_1_adds_history(site: Site) -> None:
     with site.db.session(write=True) as s:  # version 3's indexes did not exist either
         s.execute(text("DROP INDEX ix_task_staging"))
         s.execute(text("DROP INDEX ix_task_app_state"))
-    assert site.db.upgrade() == [2, 3]
-    assert migrations.SCHEMA_VERSION == 3
+    with site.db.session(write=True) as s:  # nor version 4's
+        for index in ("ix_task_killed", "ix_task_lease_expires", "ix_launcher_live"):
+            s.execute(text(f"DROP INDEX {index}"))
+    assert site.db.upgrade() == [2, 3, 4]
+    assert migrations.SCHEMA_VERSION == 4
     assert "batch_job_event" in inspect(site.db.engine).get_table_names()
     indexes = {i["name"] for i in inspect(site.db.engine).get_indexes("task")}
-    assert {"ix_task_staging", "ix_task_app_state"} <= indexes
+    assert {"ix_task_staging", "ix_task_app_state", "ix_task_killed"} <= indexes
+    assert "ix_task_lease_expires" in indexes
+    assert [i["name"] for i in inspect(site.db.engine).get_indexes("launcher")] == [
+        "ix_launcher_live"
+    ]
     assert batchjobs.get(site, 1).origin == "user"
     job = batchjobs.submit(site, FakeScheduler(), num_nodes=1, wall_time_min=5, queue="q")
     assert states(site, job.id) == ["PENDING_SUBMISSION", "QUEUED"]

@@ -99,7 +99,6 @@ def test_register_and_lease(site: Site, source: DatabaseTaskSource) -> None:
 
     assert source.lease(lid, ROOM, 0) == []
     assert source.lease(lid, [], 10) == []
-    before = time.time()
     first = source.lease(lid, ROOM, 3)
     assert ids_of(first) == [t_app, t_cmd, plain[0]]
 
@@ -118,10 +117,8 @@ def test_register_and_lease(site: Site, source: DatabaseTaskSource) -> None:
     c = first[1]
     assert (c.argv, dict(c.env), c.workdir) == (("./run", "$(id)"), {"X": "1"}, "custom/dir")
 
-    holder, expires = lease_of(site, t_app)
-    assert holder == lid
-    assert expires is not None
-    assert before + source.lease_s - 1 <= expires <= time.time() + source.lease_s + 1
+    # No time of its own: the lease lasts as long as the launcher's heartbeat.
+    assert lease_of(site, t_app) == (lid, None)
 
     rest = source.lease(lid, ROOM, 100)
     assert ids_of(rest) == [*plain[1:], restart]
@@ -383,42 +380,120 @@ def test_report_records_batch_job(
 # --------------------------------------------------------------- heartbeat / release / expiry
 
 
-def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) -> None:
+def leases(site: Site) -> list[tuple[int, int | None, float | None]]:
+    with site.db.session() as s:
+        return list(s.execute(
+            select(Task.id, Task.lease_launcher_id, Task.lease_expires).order_by(Task.id)
+        ))
+
+
+def set_heartbeat(site: Site, launcher_id: int, when: float) -> None:
+    with site.db.session(write=True) as s:
+        s.execute(update(Launcher).where(Launcher.id == launcher_id).values(heartbeat=when))
+
+
+def launcher_row(site: Site, launcher_id: int) -> tuple[float, float | None]:
+    with site.db.session() as s:
+        row = s.get(Launcher, launcher_id)
+        return row.heartbeat, row.stopped
+
+
+def test_a_heartbeat_writes_one_row_and_returns_the_kills(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """A heartbeat renews every lease of its launcher by writing the launcher's row only
+    (its cost does not grow with the tasks it holds), and returns its killed tasks."""
     l1, l2 = source.register(info()), source.register(info())
     t1, t2, t3 = add_runnable(site, 3)
     source.lease(l1, ROOM, 2)
     assert ids_of(source.lease(l2, ROOM, 5)) == [t3]
-    soon = time.time() + 1
-    set_lease_expires(site, [t1, t2, t3], soon)
-    with site.db.session(write=True) as s:
-        s.execute(update(Launcher).values(heartbeat=0.0))
+    for launcher_id in (l1, l2):
+        set_heartbeat(site, launcher_id, 0.0)
+    before = leases(site)
 
     assert source.heartbeat(l1) == set()
-    for t in (t1, t2):
-        assert lease_of(site, t)[1] >= time.time() + source.lease_s - 5
-    assert lease_of(site, t3) == (l2, soon)  # another launcher's lease is not touched
-    with site.db.session() as s:
-        assert s.get(Launcher, l1).heartbeat > 0 and s.get(Launcher, l2).heartbeat == 0.0
+    assert leases(site) == before == [(t1, l1, None), (t2, l1, None), (t3, l2, None)]
+    assert launcher_row(site, l1)[0] > 0 and launcher_row(site, l2)[0] == 0.0
 
     source.report(l1, [StateUpdate(t1, S.RUNNING), StateUpdate(t2, S.RUNNING)])
     site.kill(t2)
     assert source.heartbeat(l1) == {t2}
+    assert source.heartbeat(l2) == set()
 
-    source.report(l1, [StateUpdate(t1, S.RUN_TIMEOUT, "allocation ends")])
-    source.release(l1)
-    assert lease_of(site, t2) == (None, None)
-    assert lease_of(site, t3)[0] == l2
-    with site.db.session() as s:
-        assert s.get(Launcher, l1).stopped is not None
-        assert s.get(Launcher, l2).stopped is None
-    # A released, still runnable task goes to the next launcher.
-    (t4,) = add_runnable(site, 1)
-    assert ids_of(source.lease(l1, ROOM, 5)) == [t4]
-    source.release(l1)
-    assert ids_of(source.lease(l2, ROOM, 5)) == [t4]
 
-    # Expiry: a RUNNING task whose lease ran out times out; an unstarted one is freed.
-    lid, other = source.register(info()), l2  # a fresh launcher, and l2 to take over
+def test_release_gives_back_all_but_running_tasks(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """A released launcher is stopped; its unstarted tasks go to the next launcher at
+    once, and a task it still has RUNNING (its end never reported) keeps its lease for
+    ``lease_s`` before a lease expiry reclaims it."""
+    l1, l2 = source.register(info()), source.register(info())
+    running, done, unstarted = add_runnable(site, 3)
+    source.lease(l1, ROOM, 3)
+    source.report(l1, [
+        StateUpdate(running, S.RUNNING), StateUpdate(done, S.RUNNING),
+        StateUpdate(done, S.RUN_TIMEOUT, "allocation ends"),
+    ])
+    released = time.time()
+    source.release(l1)
+    assert launcher_row(site, l1)[1] >= released and launcher_row(site, l2)[1] is None
+    assert lease_of(site, done) == lease_of(site, unstarted) == (None, None)
+    holder, expires = lease_of(site, running)
+    assert holder == l1 and released + source.lease_s <= expires <= time.time() + source.lease_s
+    assert ids_of(source.lease(l2, ROOM, 5)) == [unstarted]
+
+    assert source.expire_leases(time.time()) == 0
+    set_heartbeat(site, l2, expires)  # l2 heartbeats meanwhile
+    assert source.expire_leases(expires + 1) == 1
+    assert site.task(running).state == "RUN_TIMEOUT"
+    assert site.history(running)[-1].message == f"launcher {l1} lost: lease expired"
+    assert lease_of(site, running) == (None, None)
+
+
+def test_a_lost_launchers_tasks_are_reclaimed(site: Site, source: DatabaseTaskSource) -> None:
+    """A launcher with no heartbeat for ``lease_s`` is lost: a lease expiry moves its
+    RUNNING tasks to RUN_TIMEOUT, frees the others, and marks it stopped at its last
+    heartbeat.  A live launcher keeps its leases however long ago it took them."""
+    lost_one, live = source.register(info()), source.register(info())
+    t_run, t_wait, t_live = add_runnable(site, 3)
+    source.lease(lost_one, ROOM, 2)
+    source.lease(live, ROOM, 1)
+    source.report(lost_one, [StateUpdate(t_run, S.RUNNING)])
+    last_beat = time.time() - source.lease_s - 5
+    set_heartbeat(site, lost_one, last_beat)
+    assert source.expire_leases(last_beat + source.lease_s - 1) == 0  # not yet lost
+
+    assert source.expire_leases(time.time()) == 2
+    assert site.task(t_run).state == "RUN_TIMEOUT"
+    last = site.history(t_run)[-1]
+    assert (last.from_state, last.to_state) == ("RUNNING", "RUN_TIMEOUT")
+    assert last.message == f"launcher {lost_one} lost: lease expired (no heartbeat for 65 s)"
+    assert site.task(t_wait).state == "PREPROCESSED"
+    assert leases(site) == [(t_run, None, None), (t_wait, None, None), (t_live, live, None)]
+    assert launcher_row(site, lost_one) == (last_beat, last_beat)
+    assert source.expire_leases(time.time()) == 0
+    # Its late report is refused; the freed task goes to a live launcher.
+    assert source.report(lost_one, [StateUpdate(t_run, S.RUN_DONE, return_code=0)]) == [t_run]
+    assert ids_of(source.lease(live, ROOM, 5)) == [t_wait]
+
+    # Found alive again (its heartbeat came through after all), it is live again: what
+    # it leases next is reclaimed if it is lost again.
+    source.heartbeat(lost_one)
+    assert launcher_row(site, lost_one)[1] is None
+    (t_next,) = add_runnable(site, 1)
+    assert ids_of(source.lease(lost_one, ROOM, 5)) == [t_next]
+    assert source.expire_leases(time.time()) == 0
+    set_heartbeat(site, lost_one, last_beat)
+    assert source.expire_leases(time.time()) == 1
+    assert lease_of(site, t_next) == (None, None)
+
+
+def test_an_expired_lease_of_its_own_is_reclaimed(
+    site: Site, source: DatabaseTaskSource
+) -> None:
+    """A lease with a time of its own (a processing worker's claim, a RUNNING task left
+    at a release) is reclaimed when that time runs out, even if its launcher is live."""
+    lid, other = source.register(info()), source.register(info())
     lost, alive, unstarted = add_runnable(site, 3)
     source.lease(lid, ROOM, 3)
     source.report(lid, [StateUpdate(lost, S.RUNNING), StateUpdate(alive, S.RUNNING)])
@@ -428,9 +503,9 @@ def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) ->
     assert site.task(lost).state == "RUN_TIMEOUT"
     last = site.history(lost)[-1]
     assert (last.from_state, last.to_state) == ("RUNNING", "RUN_TIMEOUT")
-    assert f"launcher {lid}" in last.message and "expired" in last.message
+    assert last.message == f"launcher {lid} lost: lease expired"
     assert lease_of(site, lost) == (None, None)
-    assert site.task(alive).state == "RUNNING" and lease_of(site, alive)[0] == lid
+    assert site.task(alive).state == "RUNNING" and lease_of(site, alive) == (lid, None)
     assert site.task(unstarted).state == "PREPROCESSED"
     assert lease_of(site, unstarted) == (None, None)
     assert ids_of(source.lease(other, ROOM, 5)) == [unstarted]
@@ -443,9 +518,9 @@ def test_heartbeat_release_and_expiry(site: Site, source: DatabaseTaskSource) ->
 def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
     site: Site, source: DatabaseTaskSource
 ) -> None:
-    """A launcher that died (no release, no report) left a RUNNING task: once its lease
-    has run out, any launcher's heartbeat moves the task to RUN_TIMEOUT with the reason,
-    and the recovery chain takes it from there (here: retry-timeout)."""
+    """A launcher that died (no release, no report) left a RUNNING task: once its
+    heartbeat is ``lease_s`` old, any launcher's heartbeat moves the task to RUN_TIMEOUT
+    with the reason, and the recovery chain takes it from there (here: retry-timeout)."""
     from balsam_core.launcher.nodes import local_nodes
     from balsam_core.launcher.pilot import Launcher as Pilot, LauncherOptions
     from balsam_core.processing import TransitionProcessor
@@ -454,7 +529,7 @@ def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
     (task,) = add_runnable(site, 1, node_packing_count=4)
     source.lease(dead, ROOM, 5)
     source.report(dead, [StateUpdate(task, S.RUNNING, "started on n1")])
-    set_lease_expires(site, [task], time.time() - 1)
+    set_heartbeat(site, dead, time.time() - source.lease_s - 1)
 
     pilot = Pilot(
         site, LauncherOptions(nodes=local_nodes(1, 2, 0), idle_timeout_s=0.2),
@@ -463,7 +538,8 @@ def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
     pilot.run()
     assert site.task(task).state == "RUN_TIMEOUT"
     last = site.history(task)[-1]
-    assert (last.from_state, last.message) == ("RUNNING", f"launcher {dead} lost: lease expired")
+    assert last.from_state == "RUNNING"
+    assert last.message.startswith(f"launcher {dead} lost: lease expired (no heartbeat for ")
     assert lease_of(site, task) == (None, None)
     # The dead launcher's late report is refused.
     assert source.report(dead, [StateUpdate(task, S.RUN_DONE, return_code=0)]) == [task]

@@ -39,7 +39,7 @@ BALSAM = shutil.which("balsam", path=str(Path(sys.executable).parent)) or "balsa
 N_TASKS = int(os.environ.get("BALSAM_FAULT_TASKS", "2000"))
 N_LAUNCHERS = 4
 KILL_EVERY_S = 2.0
-LOST = re.compile(r"^launcher \d+ lost: lease expired$")
+LOST = re.compile(r"^launcher \d+ lost: lease expired( \(no heartbeat for \d+ s\))?$")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,16 @@
 """Task source ``database``: leases runnable tasks straight from the site database.
 
-A lease is ``(lease_launcher_id, lease_expires)`` on the task row, taken in the same
-transaction that picks the rows: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the
-``BEGIN IMMEDIATE`` write lock on SQLite — so each runnable task goes to exactly one
-launcher.  State reports are accepted only from the lease holder; a kill is never
-overwritten.
+A lease is ``lease_launcher_id`` on the task row, taken in the same transaction that
+picks the rows: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the ``BEGIN IMMEDIATE`` write
+lock on SQLite — so each runnable task goes to exactly one launcher.  State reports are
+accepted only from the lease holder; a kill is never overwritten.
+
+A launcher's leases last as long as its heartbeat (``launcher.heartbeat``, written
+every ``heartbeat_s``): renewing them is one row's write, whatever the launcher holds.
+A launcher with no heartbeat for ``lease_s`` is lost: :meth:`expire_leases` reclaims
+its tasks and marks it stopped.  Leases with a time of their own (``lease_expires``)
+are the processing worker's claims, which it renews itself, and the RUNNING tasks a
+launcher leaves behind at its release.
 
 Tasks with nothing to do around their run (:mod:`balsam_core.fastforward`) skip the
 processing worker: a READY one is leased and moved to PREPROCESSED in the lease's
@@ -21,7 +27,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
 
 from balsam_core import (
     RUNNABLE,
@@ -48,7 +53,7 @@ from balsam_core import (
     task_environment,
 )
 
-Task, Launcher, App = models.Task, models.Launcher, models.App
+Launcher = models.Launcher
 load_json = models.load_json
 log = logging.getLogger(__name__)
 
@@ -164,7 +169,9 @@ _HELD = (
 )
 #: Taking leases, and giving back those of reported tasks no longer running (raw
 #: statements: see balsam_core.rawsql).
-_LEASE = "UPDATE task SET lease_launcher_id = ?, lease_expires = ?, batch_job_id = ? WHERE id {ids}"
+_LEASE = (
+    "UPDATE task SET lease_launcher_id = ?, lease_expires = NULL, batch_job_id = ? WHERE id {ids}"
+)
 _UNLEASE_ENDED = (
     "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids} AND state <> ?"
 )
@@ -173,14 +180,31 @@ _REGISTER = (
     "INSERT INTO launcher (host, pid, mode, batch_job_id, workflow, tags, started, heartbeat)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-#: A launcher's heartbeat: its row, its leases renewed, and its tasks killed meanwhile.
-_HEARTBEAT = "UPDATE launcher SET heartbeat = ? WHERE id = ?"
-_RENEW = "UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ?"
-_KILLED = "SELECT id FROM task WHERE lease_launcher_id = ? AND state = ?"
-_ANY_EXPIRED = (
-    "SELECT id FROM task WHERE lease_launcher_id IS NOT NULL AND lease_expires < ? LIMIT 1"
+#: A launcher's heartbeat (which renews all its leases: a lost launcher found alive
+#: again is live again), and its tasks killed meanwhile.
+_HEARTBEAT = "UPDATE launcher SET heartbeat = ?, stopped = NULL WHERE id = ?"
+_KILLED = f"SELECT id FROM task WHERE lease_launcher_id = ? AND {models.KILLED_HELD}"
+#: Lease expiry: lost launchers (no heartbeat since the parameter), and leases with a
+#: time of their own that ran out.  Each has a partial index: neither reads held tasks.
+_LOST = "SELECT id, heartbeat FROM launcher WHERE stopped IS NULL AND heartbeat < ?"
+_EXPIRED = (
+    "SELECT id, state, lease_launcher_id FROM task"
+    " WHERE lease_expires < ? AND lease_launcher_id IS NOT NULL"
 )
-
+_HELD_BY = "SELECT id, state, lease_launcher_id FROM task WHERE lease_launcher_id {ids}"
+_UNLEASE = "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids}"
+_STOPPED_LOST = "UPDATE launcher SET stopped = heartbeat WHERE id {ids}"
+#: Release: the launcher's row first (the order every writer of both takes), then its
+#: leases: RUNNING tasks (whose end it could not report) keep theirs until ``lease_s``
+#: from now, when :meth:`DatabaseTaskSource.expire_leases` reclaims them.
+_RELEASE = "UPDATE launcher SET stopped = ? WHERE id = ?"
+_KEEP_RUNNING = (
+    "UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ? AND state = 'RUNNING'"
+)
+_UNLEASE_HELD = (
+    "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL"
+    " WHERE lease_launcher_id = ? AND state <> 'RUNNING'"
+)
 
 class DatabaseTaskSource:
     """Leases tasks from the site database (see the module docstring)."""
@@ -249,7 +273,7 @@ class DatabaseTaskSource:
             )
             raw.execute(
                 _LEASE,
-                [launcher_id, now + self.lease_s, info.batch_job_id, raw.ids(t.id for t in tasks)],
+                [launcher_id, info.batch_job_id, raw.ids(t.id for t in tasks)],
             )
             return [self._leased(task, req) for task, req in chosen]
 
@@ -350,56 +374,65 @@ class DatabaseTaskSource:
         return sorted(refused)
 
     def heartbeat(self, launcher_id: int) -> set[int]:
+        with self.site.db.session(write=True) as s:
+            raw = RawSql(s)
+            raw.execute(_HEARTBEAT, [time.time(), launcher_id])
+            return {task_id for (task_id,) in raw.execute(_KILLED, [launcher_id]).fetchall()}
+
+    def release(self, launcher_id: int) -> None:
+        """Give back leases of tasks not running; a RUNNING task keeps its lease for
+        ``lease_s``, after which :meth:`expire_leases` reclaims it (its end was never
+        reported)."""
         now = time.time()
         with self.site.db.session(write=True) as s:
             raw = RawSql(s)
-            raw.execute(_HEARTBEAT, [now, launcher_id])
-            raw.execute(_RENEW, [now + self.lease_s, launcher_id])
-            killed = raw.execute(_KILLED, [launcher_id, State.USER_KILLED.value]).fetchall()
-            return {task_id for (task_id,) in killed}
-
-    def release(self, launcher_id: int) -> None:
-        """Give back leases of tasks not running; a RUNNING task keeps its lease until it
-        expires, so :meth:`expire_leases` reclaims it (its end was never reported)."""
-        with self.site.db.session(write=True) as s:
-            s.execute(
-                update(Task)
-                .where(Task.lease_launcher_id == launcher_id, Task.state != State.RUNNING.value)
-                .values(lease_launcher_id=None, lease_expires=None)
-                .execution_options(synchronize_session=False)
-            )
-            s.execute(update(Launcher).where(Launcher.id == launcher_id).values(stopped=time.time()))
+            raw.execute(_RELEASE, [now, launcher_id])
+            raw.execute(_KEEP_RUNNING, [now + self.lease_s, launcher_id])
+            raw.execute(_UNLEASE_HELD, [launcher_id])
         self._infos.pop(launcher_id, None)
         self._lease_statements_of.pop(launcher_id, None)
 
     def expire_leases(self, now: float) -> int:
-        """Reclaim leases that ran out: RUNNING tasks -> RUN_TIMEOUT ("launcher N lost:
-        lease expired"; the recovery chain takes them from there), other expired leases
-        cleared.  Cheap when there is nothing to reclaim (one indexed read, no write
-        lock), so every launcher calls it with its heartbeat."""
+        """Reclaim the tasks of lost launchers (no heartbeat for ``lease_s``, which are
+        marked stopped) and those whose own lease time ran out: RUNNING tasks ->
+        RUN_TIMEOUT ("launcher N lost: lease expired"; the recovery chain takes them from
+        there), other leases cleared.  Cheap when there is nothing to reclaim (two reads
+        of small indexes, no write lock), so every launcher calls it with its heartbeat."""
+        lost_before = now - self.lease_s
         with self.site.db.session() as s:
-            if RawSql(s).execute(_ANY_EXPIRED, [now]).fetchone() is None:
+            raw = RawSql(s)
+            if (
+                raw.execute(_LOST + " LIMIT 1", [lost_before]).fetchone() is None
+                and raw.execute(_EXPIRED + " LIMIT 1", [now]).fetchone() is None
+            ):
                 return 0
-        expired_rows = (Task.lease_launcher_id.is_not(None), Task.lease_expires < now)
         with self.site.transaction() as tx:
-            query = select(Task.id, Task.state, Task.lease_launcher_id).where(*expired_rows)
-            if tx.session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            expired = list(tx.session.execute(query))
-            tx.apply(
-                [
-                    Change(i, State.RUN_TIMEOUT, f"launcher {who} lost: lease expired")
-                    for i, state, who in expired
-                    if state == State.RUNNING.value
-                ]
-            )
+            raw = RawSql(tx.session)
+            # On PostgreSQL, a launcher's row is locked before its tasks (as its release
+            # does); NO KEY UPDATE leaves the key-share locks of event inserts alone.
+            lost = dict(raw.execute(
+                _LOST + (" FOR NO KEY UPDATE SKIP LOCKED" if raw.postgres else ""), [lost_before]
+            ).fetchall())
+            expired = {row[0]: row for row in raw.execute(
+                _EXPIRED + (" FOR UPDATE SKIP LOCKED" if raw.postgres else ""), [now]
+            ).fetchall()}
+            if lost:
+                # Not SKIP LOCKED: the launcher is marked stopped, so a task skipped here
+                # would stay leased to it forever.
+                held = raw.execute(
+                    _HELD_BY + (" FOR UPDATE" if raw.postgres else ""), [raw.ids(lost)]
+                ).fetchall()
+                expired.update((row[0], row) for row in held)
+                raw.execute(_STOPPED_LOST, [raw.ids(lost)])
+            tx.apply([
+                Change(task_id, State.RUN_TIMEOUT, f"launcher {who} lost: lease expired" + (
+                    f" (no heartbeat for {now - lost[who]:.0f} s)" if who in lost else ""
+                ))
+                for task_id, state, who in expired.values()
+                if state == State.RUNNING.value
+            ])
             if expired:
-                tx.session.execute(
-                    update(Task)
-                    .where(Task.id.in_([i for i, _, _ in expired]))
-                    .values(lease_launcher_id=None, lease_expires=None)
-                    .execution_options(synchronize_session=False)
-                )
+                raw.execute(_UNLEASE, [raw.ids(expired)])
         return len(expired)
 
 

@@ -465,8 +465,8 @@ class Launcher:
         ]
 
     def _heartbeat(self) -> bool:
-        """Renew the leases, end tasks killed meanwhile, reclaim the tasks of launchers
-        whose leases ran out; False if the database could not be reached."""
+        """Renew the leases, end tasks killed meanwhile, reclaim the tasks of lost
+        launchers and of leases that ran out; False if the database could not be reached."""
         started = time.time()
         try:
             killed = self.source.heartbeat(self.launcher_id)

@@ -35,9 +35,11 @@ Design choices:
   does), and results not yet recorded are kept for the next pass.
 
 ``owner_id`` must be a row of the ``launcher`` table (the lease column is a foreign key);
-inside a launcher it is the launcher's id, so its heartbeat also renews the processor's
-leases and its release frees them.  The processor renews its in-flight leases itself
-too, every ``lease_s / 3``.
+inside a launcher it is the launcher's id, so the launcher's release frees the
+processor's leases, and the launcher's loss (no heartbeat for ``lease_s``) reclaims
+them.  Unlike the launcher's own leases, a claim has a time of its own, which the
+processor renews every ``lease_s / 3``: a worker that died inside a live launcher loses
+its claims.
 """
 
 from __future__ import annotations
