@@ -4,15 +4,19 @@ A lease or a state report runs a handful of statements per batch of tasks, and
 SQLAlchemy's per-statement work (parameter processing, expanding ``IN`` lists, result
 set-up) cost several times what SQLite needs to run them.  These statements are plain
 SQL on the DBAPI cursor of the session's connection -- inside the session's
-transaction -- written once for both dialects: ``?`` marks a parameter, and ``{ids}``
+transaction -- written once for both dialects: ``?`` marks a parameter, ``{ids}``
 tests a column against a list of ids passed as *one* parameter (SQLite: a JSON array
-read with ``json_each``; PostgreSQL: an array compared with ``= ANY``).
+read with ``json_each``; PostgreSQL: an array compared with ``= ANY``), and ``INDEXED BY
+ix_name`` after a table names the index SQLite must use (it keeps no statistics, and
+picks between two indexes that match equally well by chance; PostgreSQL, which plans
+from its statistics, does not get the clause).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,6 +26,7 @@ from sqlalchemy.orm import Session
 @functools.lru_cache(maxsize=256)
 def _translate(text: str, postgres: bool) -> str:
     if postgres:
+        text = re.sub(r" INDEXED BY \w+", "", text)
         return text.replace("?", "%s").replace("{ids}", "= ANY(%s)")
     return text.replace("{ids}", "IN (SELECT value FROM json_each(?))")
 

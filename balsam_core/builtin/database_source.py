@@ -183,12 +183,16 @@ _REGISTER = (
 #: A launcher's heartbeat (which renews all its leases: a lost launcher found alive
 #: again is live again), and its tasks killed meanwhile.
 _HEARTBEAT = "UPDATE launcher SET heartbeat = ?, stopped = NULL WHERE id = ?"
-_KILLED = f"SELECT id FROM task WHERE lease_launcher_id = ? AND {models.KILLED_HELD}"
+_KILLED = (
+    "SELECT id FROM task INDEXED BY ix_task_killed"
+    f" WHERE lease_launcher_id = ? AND {models.KILLED_HELD}"
+)
 #: Lease expiry: lost launchers (no heartbeat since the parameter), and leases with a
-#: time of their own that ran out.  Each has a partial index: neither reads held tasks.
+#: time of their own that ran out.  Like the kills, each is read through a small partial
+#: index, not by a pass over the held tasks (which ``ix_task_lease`` would be).
 _LOST = "SELECT id, heartbeat FROM launcher WHERE stopped IS NULL AND heartbeat < ?"
 _EXPIRED = (
-    "SELECT id, state, lease_launcher_id FROM task"
+    "SELECT id, state, lease_launcher_id FROM task INDEXED BY ix_task_lease_expires"
     " WHERE lease_expires < ? AND lease_launcher_id IS NOT NULL"
 )
 _HELD_BY = "SELECT id, state, lease_launcher_id FROM task WHERE lease_launcher_id {ids}"
