@@ -65,7 +65,6 @@ def _work_indexes(conn: Connection) -> None:
     )
 
 
-
 def _liveness_indexes(conn: Connection) -> None:
     """Version 4: the partial indexes through which a heartbeat finds its killed tasks and
     a lease expiry finds lost launchers and expired leases, each without a pass over the

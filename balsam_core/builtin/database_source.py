@@ -27,7 +27,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-
 from balsam_core import (
     RUNNABLE,
     Change,
@@ -209,6 +208,7 @@ _UNLEASE_HELD = (
     "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL"
     " WHERE lease_launcher_id = ? AND state <> 'RUNNING'"
 )
+
 
 class DatabaseTaskSource:
     """Leases tasks from the site database (see the module docstring)."""
