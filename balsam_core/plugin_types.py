@@ -412,7 +412,10 @@ class TaskSource(Protocol):
 
     def expire_leases(self, now: float) -> int:
         """Reclaim tasks whose lease ran out (those of a launcher with no heartbeat for
-        ``lease_s`` among them): running ones to RUN_TIMEOUT; return how many."""
+        ``lease_s`` among them): running ones to RUN_TIMEOUT; return how many.
+
+        May stop after a batch (the caller may be a launcher's loop): while it returns
+        more than 0, callers call again."""
 
 
 @runtime_checkable

@@ -2,7 +2,7 @@
 
 Every period the service
 
-1. reclaims tasks whose launcher stopped renewing its lease (``TaskSource.expire_leases``),
+1. reclaims tasks whose launcher is lost or whose lease ran out (``TaskSource.expire_leases``),
 2. syncs the states of live batch jobs from the scheduler (one ``status`` call),
 3. *observes* the site: the backlog, the live batch jobs, the queue policy, the
    scheduler's backfill windows, and when it last submitted,
@@ -331,7 +331,8 @@ class Service:
         now = self.clock() if now is None else now
         report = PeriodReport()
         with self._step(report, "reclaiming expired leases"):
-            report.reclaimed = self.source.expire_leases(now)
+            while reclaimed := self.source.expire_leases(now):  # a batch per call
+                report.reclaimed += reclaimed
             if report.reclaimed:
                 log.warning("reclaimed %d task(s) whose launcher stopped renewing its lease",
                             report.reclaimed)

@@ -521,6 +521,32 @@ def test_a_lost_launchers_tasks_are_reclaimed(site: Site, source: DatabaseTaskSo
     assert lease_of(site, t_next) == (None, None)
 
 
+def test_a_reclaim_takes_a_batch_per_call(
+    site: Site, source: DatabaseTaskSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost launcher may have held tens of thousands of tasks, and the caller is a
+    launcher's loop: each call reclaims at most RECLAIM_BATCH, expired leases of their
+    own first, and marks a lost launcher stopped only once none of its tasks is left."""
+    monkeypatch.setattr(database_source, "RECLAIM_BATCH", 2)
+    lost_one, live = source.register(info()), source.register(info())
+    (own,) = add_runnable(site, 1)
+    source.lease(live, ROOM, 1)
+    held = add_runnable(site, 5)
+    source.lease(lost_one, ROOM, 5)
+    set_lease_expires(site, [own], time.time() - 1)
+    source.report(lost_one, [StateUpdate(t, S.RUNNING) for t in held[:3]])
+    set_heartbeat(site, lost_one, time.time() - source.lease_s - 1)
+
+    counts = []
+    while count := source.expire_leases(time.time()):
+        counts.append(count)
+        assert launcher_row(site, lost_one)[1] is None  # some of its tasks may be left
+    assert counts == [2, 2, 2]
+    assert launcher_row(site, lost_one)[1] is not None
+    assert leases(site) == [(t, None, None) for t in [own, *held]]
+    assert site.count() == {"PREPROCESSED": 3, "RUN_TIMEOUT": 3}
+
+
 def test_an_expired_lease_of_its_own_is_reclaimed(
     site: Site, source: DatabaseTaskSource
 ) -> None:
@@ -549,19 +575,21 @@ def test_an_expired_lease_of_its_own_is_reclaimed(
 
 
 def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
-    site: Site, source: DatabaseTaskSource
+    site: Site, source: DatabaseTaskSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A launcher that died (no release, no report) left a RUNNING task: once its
-    heartbeat is ``lease_s`` old, any launcher's heartbeat moves the task to RUN_TIMEOUT
-    with the reason, and the recovery chain takes it from there (here: retry-timeout)."""
+    """A launcher that died (no release, no report) left RUNNING tasks: once its
+    heartbeat is ``lease_s`` old, any launcher's loop moves them to RUN_TIMEOUT with the
+    reason, a batch per turn, and the recovery chain takes them from there (here:
+    retry-timeout)."""
     from balsam_core.launcher.nodes import local_nodes
     from balsam_core.launcher.pilot import Launcher as Pilot, LauncherOptions
     from balsam_core.processing import TransitionProcessor
 
+    monkeypatch.setattr(database_source, "RECLAIM_BATCH", 1)
     dead = source.register(info())
-    (task,) = add_runnable(site, 1, node_packing_count=4)
+    task, *others = add_runnable(site, 3, node_packing_count=4)
     source.lease(dead, ROOM, 5)
-    source.report(dead, [StateUpdate(task, S.RUNNING, "started on n1")])
+    source.report(dead, [StateUpdate(t, S.RUNNING, "started on n1") for t in (task, *others)])
     set_heartbeat(site, dead, time.time() - source.lease_s - 1)
 
     pilot = Pilot(
@@ -569,7 +597,7 @@ def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
         processing=False,
     )
     pilot.run()
-    assert site.task(task).state == "RUN_TIMEOUT"
+    assert site.count() == {"RUN_TIMEOUT": 3}
     last = site.history(task)[-1]
     assert last.from_state == "RUNNING"
     assert last.message.startswith(f"launcher {dead} lost: lease expired (no heartbeat for ")
@@ -582,7 +610,7 @@ def test_a_running_launcher_reclaims_a_dead_launchers_tasks(
         processor.process_once(wait=True)
     finally:
         processor.close()
-    assert site.task(task).state == "RESTART_READY"
+    assert site.count() == {"RESTART_READY": 3}
 
 
 def test_a_retried_report_is_not_applied_twice(site: Site, source: DatabaseTaskSource) -> None:

@@ -253,21 +253,25 @@ def test_rejecting_scheduler_gets_no_storm(site: Site) -> None:
     assert {j.state for j in batchjobs.jobs(site, include_ended=True)} == {"SUBMIT_FAILED"}
 
 
-def test_reclaims_tasks_of_dead_launchers(site: Site) -> None:
+def test_reclaims_tasks_of_dead_launchers(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All of them in one period, though the task source reclaims a batch per call."""
     from balsam_core import LauncherInfo, NodeResources, StateUpdate
+    from balsam_core.builtin import database_source
 
-    task = site.add_task(command=["true"]).id
-    site.transition([Change(task, State.STAGED_IN), Change(task, State.PREPROCESSED)])
+    monkeypatch.setattr(database_source, "RECLAIM_BATCH", 2)
+    tasks = site.add_tasks([{"command": ["true"]}] * 5)
+    site.transition([Change(t, s) for s in (State.STAGED_IN, State.PREPROCESSED) for t in tasks])
     source = site.plugins.create("task_source", "database", site.config)
     launcher = source.register(LauncherInfo("gone-host", 1))
-    assert [t.task_id for t in source.lease(launcher, [NodeResources("n", 4)], 10)] == [task]
-    source.report(launcher, [StateUpdate(task, State.RUNNING, "started")])
+    leased = source.lease(launcher, [NodeResources("n", 4)] * 5, 10)
+    assert [t.task_id for t in leased] == tasks
+    source.report(launcher, [StateUpdate(t, State.RUNNING, "started") for t in tasks])
     service = Service(site, scheduler=FakeScheduler(), source=source)
-    assert service.run_once().reclaimed == 0  # the lease is still valid
+    assert service.run_once().reclaimed == 0  # the launcher is not lost yet
     report = service.run_once(now=time.time() + site.config.launcher.lease_s + 1)
-    assert report.reclaimed == 1
-    assert site.task(task).state == "RUN_TIMEOUT"
-    assert f"launcher {launcher}" in site.history(task)[-1].message  # the task source says why
+    assert report.reclaimed == 5
+    assert site.count() == {"RUN_TIMEOUT": 5}
+    assert f"launcher {launcher}" in site.history(tasks[0])[-1].message  # the source says why
 
 
 def test_one_service_per_site(site: Site) -> None:

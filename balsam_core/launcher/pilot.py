@@ -223,9 +223,9 @@ class Launcher:
             leaser = self.leaser = Leaser(
                 self.source, self.launcher_id, self.procs.wake, self.workdirs.prepare_ahead
             )
-            # The first heartbeat (which also reclaims what dead launchers left behind) on
-            # the loop's first turn, before the leaser's first lease: both take the write lock.
-            next_heartbeat = 0.0
+            # The first heartbeat and reclaim (of what dead launchers left behind) on the
+            # loop's first turn, before the leaser's first lease: all take the write lock.
+            next_heartbeat = next_reclaim = 0.0
             idle_since = time.time()
             while not self._stop.is_set():
                 now = time.time()
@@ -238,6 +238,8 @@ class Launcher:
                     self.procs.end(task_id, "timeout")
                 if now >= next_heartbeat:
                     next_heartbeat = now + (heartbeat_s if self._heartbeat() else self._db_backoff)
+                if now >= next_reclaim:  # a batch per turn while there is more
+                    next_reclaim = now + (0.0 if self._reclaim() else heartbeat_s)
                 if (
                     self._lease_until != LOST and now >= self._lease_deadline()
                     and (len(self.procs) or self.queue)
@@ -271,7 +273,7 @@ class Launcher:
                         self.stop("idle timeout")
                         self._warn_unrunnable()
                         break
-                wake_at = [next_heartbeat]
+                wake_at = [next_heartbeat, next_reclaim]
                 if (len(self.procs) or self.queue) and now < self._lease_deadline():
                     wake_at.append(self._lease_deadline())
                 if wants_lease and not leaser.busy:  # else woken by the lease's result
@@ -465,24 +467,33 @@ class Launcher:
         ]
 
     def _heartbeat(self) -> bool:
-        """Renew the leases, end tasks killed meanwhile, reclaim the tasks of lost
-        launchers and of leases that ran out; False if the database could not be reached."""
+        """Renew the leases and end tasks killed meanwhile; False if the database could
+        not be reached."""
         started = time.time()
         try:
             killed = self.source.heartbeat(self.launcher_id)
             self._lease_until = started + self.site.config.launcher.lease_s
-            reclaimed = self.source.expire_leases(time.time())
         except DatabaseError as exc:
             self._db_failed("renewing leases", exc)
             return False
         self._db_ok()
-        if reclaimed:
-            log.warning("reclaimed %d task(s) of launchers whose lease expired", reclaimed)
         for task_id in killed:
             if task_id in self.procs:
                 self.procs.end(task_id, "killed")
             self.queue.pop(task_id, None)
         return True
+
+    def _reclaim(self) -> bool:
+        """Reclaim a batch of the tasks of lost launchers and of leases that ran out;
+        True if it reclaimed some (there may be more)."""
+        try:
+            reclaimed = self.source.expire_leases(time.time())
+        except DatabaseError as exc:
+            self._db_failed("reclaiming expired leases", exc)
+            return False
+        if reclaimed:
+            log.warning("reclaimed %d task(s) of launchers whose lease expired", reclaimed)
+        return reclaimed > 0
 
     # ------------------------------------------------------------------ database faults
 
