@@ -11,7 +11,7 @@ launcher through the ``database`` task source, then each call timed (median of
 ``--repeat``, each a committed transaction, nothing to reclaim).
 
 Baseline, measured in the same run on the same database: the heartbeat as it was
-before leases lasted as long as their launcher's heartbeat (``0c5e07a`` and earlier):
+before leases lasted as long as their launcher's heartbeat (``cc16fa7`` and earlier):
 in one write transaction, the launcher's row, every held task's lease renewed
 (``UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ?``) and the killed
 query over the held tasks.  ``ratio`` = heartbeat / baseline.
@@ -54,6 +54,7 @@ _OLD_BEAT = "UPDATE launcher SET heartbeat = ? WHERE id = ?"
 _OLD_RENEW = "UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ?"
 _OLD_KILLED = "SELECT id FROM task WHERE lease_launcher_id = ? AND state = ?"
 
+
 def median_ms(call: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -75,7 +76,7 @@ def databases(backend: str) -> Iterator[Callable[[str], str]]:
         yield lambda label: server.create_database(f"hb_{label}")
 
 
-def lease_all(site: Site, source: Any, held: int) -> tuple[int, list[int]]:
+def lease_all(source: Any, held: int) -> tuple[int, list[int]]:
     """A new launcher holding *held* tasks; its id and theirs."""
     launcher_id = source.register(LauncherInfo("bench", os.getpid()))
     # Room for every task at once: one 64-CPU node per 64 tasks.
@@ -135,7 +136,7 @@ def measure_reclaim(site: Site, source: Any, launcher_id: int, ids: list[int]) -
             break
     # Baseline: the same tasks again, reclaimed in one call.
     site.retry(ids)
-    again, ids = lease_all(site, source, len(ids))
+    again, ids = lease_all(source, len(ids))
     lose(site, source, again, ids)
     batch, database_source.RECLAIM_BATCH = database_source.RECLAIM_BATCH, len(ids)
     try:
@@ -156,7 +157,7 @@ def measure_reclaim(site: Site, source: Any, launcher_id: int, ids: list[int]) -
 
 def measure(site: Site, held: int, repeat: int) -> dict[str, object]:
     source = site.selected("task_source")
-    launcher_id, ids = lease_all(site, source, held)
+    launcher_id, ids = lease_all(source, held)
     settle(site)
     return {
         "held": held,
