@@ -131,8 +131,10 @@ def fitting(
     it looks only at nodes with room (a launcher lists all of its nodes, busy ones too)
     and tries no task that needs at least what a task that did not fit needs.
     """
-    room = [free[i] for i in nodes_with_room(free)]
-    left = [[n.name, n.cpus, len(n.gpu_ids), n.free_fraction] for n in room]
+    left = [
+        [n.name, n.cpus, len(n.gpu_ids), n.free_fraction]
+        for n in (free[i] for i in nodes_with_room(free))
+    ]
     chosen = []
     failed: list[tuple[int, int, int, float]] = []  # free room only shrinks
     first = 0  # the nodes before it have no CPU left (first fit fills them in order)
