@@ -4,6 +4,7 @@ fallback used where the C library lacks what it needs — both must behave alike
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,20 +56,30 @@ def test_exit_codes_and_signals_are_reported_as_popen_does(start: Spawn) -> None
     assert start(["sh", "-c", "kill -SEGV $$"]).poll() == -11
 
 
-def test_the_child_has_its_own_session_default_signals_and_no_inherited_descriptors(
+def test_the_child_leads_its_own_process_group_in_the_launchers_session(
+    start: Spawn, tmp_path: Path
+) -> None:
+    """Its group holds what it forks (ended by ``killpg``); its session is the
+    launcher's, where batch systems that track a job by session find it."""
+    child = start(["sh", "-c", "cut -d' ' -f5,6 /proc/$$/stat"])
+    pgid, sid = (tmp_path / "out").read_text().split()
+    assert int(pgid) == child.pid
+    if sys.version_info >= (3, 11):  # else Popen can only make it a session leader
+        assert int(sid) == os.getsid(0)
+
+
+def test_the_child_has_default_signals_and_no_inherited_descriptors(
     start: Spawn, tmp_path: Path
 ) -> None:
     leaky = os.open(tmp_path / "leak", os.O_WRONLY | os.O_CREAT)  # inheritable on purpose
     os.set_inheritable(leaky, True)
     try:
-        start(["sh", "-c",
-               "cut -d' ' -f6 /proc/$$/stat; ls /proc/$$/fd; grep SigIgn /proc/$$/status"])
+        start(["sh", "-c", "ls /proc/$$/fd; grep SigIgn /proc/$$/status"])
     finally:
         os.close(leaky)
-    sid, *fds, ignored = (tmp_path / "out").read_text().splitlines()
+    *fds, ignored = (tmp_path / "out").read_text().splitlines()
     assert sorted(int(fd) for fd in fds) == [0, 1, 2]
     assert int(ignored.split()[1], 16) & (1 << (13 - 1)) == 0  # SIGPIPE (13) is not ignored
-    assert int(sid) != os.getsid(0)
 
 
 def test_the_executable_is_found_on_the_path_of_the_tasks_environment(

@@ -1,6 +1,6 @@
 """Ending a launcher's tasks when the launcher itself is killed (SIGKILL, OOM killer).
 
-Each task runs in a session of its own, so nothing stops it when its launcher dies
+Each task leads a process group of its own, so nothing stops it when its launcher dies
 without cleaning up: its lease expires, another launcher reruns the task, and the
 first attempt may still be running.  Asking the kernel for a parent-death signal per
 task (``prctl(PR_SET_PDEATHSIG)`` through ``preexec_fn``, or a ``setpriv`` wrapper)

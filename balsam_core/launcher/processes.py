@@ -1,7 +1,7 @@
 """Starting task processes, waking on their exit, and ending whole process trees.
 
-Each task runs in its own session (so its process group holds everything it forks,
-unless a descendant makes a session of its own, which psutil still finds by
+Each task leads a process group of its own (which holds everything it forks, unless
+a descendant makes a group or session of its own, which psutil still finds by
 ancestry).  Exits are watched through Linux pidfds in an epoll set, together with a
 wake-up pipe: the launcher sleeps until a child exits, a deadline passes, or another
 thread (or a signal handler) pokes it — never in fixed sleeps.
@@ -139,7 +139,7 @@ class ProcessGroup:
         if running.deadline is not None:
             self._push(self._deadlines, running.deadline, task_id)
         if self._deathwatch is not None:
-            self._deathwatch.started(child.pid)  # its session id = its process group
+            self._deathwatch.started(child.pid)  # its pid = its process group
         return running
 
     def wait(self, timeout: float | None) -> list[Exited]:
