@@ -55,6 +55,7 @@ from .leasing import Leaser, LeaseResult, lease
 from .nodes import NodePool
 from .processes import Exited, ProcessGroup, disk_full
 from .reporter import DB_RETRY_MAX_S, Reporter
+from .timeslice import short_time_slice
 from .workdirs import Workdirs
 from .worker import ProcessingWorker
 
@@ -199,6 +200,10 @@ class Launcher:
 
     def run(self) -> LauncherStats:
         """Run until the allocation ends, the idle timeout passes, or :meth:`stop`."""
+        with short_time_slice():  # woken by a task's exit, the loop gets a core at once
+            return self._run()
+
+    def _run(self) -> LauncherStats:
         self.launcher_id = self.source.register(
             LauncherInfo(
                 host=socket.gethostname(), pid=os.getpid(), mode=self.mode,
