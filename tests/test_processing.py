@@ -307,7 +307,8 @@ def test_pre_and_postprocess_and_stage_out(sqlite_site: Site, tmp_path: Path) ->
     show_env = (
         "import os, pathlib; e = os.environ; pathlib.Path('env.txt').write_text("
         "' '.join(e.get(k, '-') for k in "
-        "('BALSAM_TASK_ID', 'BALSAM_SITE', 'APP_VAR', 'TASK_VAR', 'BALSAM_TASK_ERROR')))"
+        "('BALSAM_TASK_ID', 'BALSAM_SITE', 'APP_VAR', 'TASK_VAR', 'BALSAM_TASK_ERROR')));"
+        "pathlib.Path('group.info').write_text(f'{os.getpgid(0) == os.getpid()} {os.getsid(0)}')"
     )
     site.add_app(
         "good", [PY, "-c", "pass"], environment={"APP_VAR": "app", "TASK_VAR": "app"},
@@ -339,6 +340,10 @@ def test_pre_and_postprocess_and_stage_out(sqlite_site: Site, tmp_path: Path) ->
         assert state(site, good) is S.PREPROCESSED, last_message(site, good)
         env = (workdir(site, good) / "env.txt").read_text().split()
         assert env == [str(good), str(site.site_dir), "app", "task", "-"]
+        leads_group, session = (workdir(site, good) / "group.info").read_text().split()
+        assert leads_group == "True"  # killed as a group
+        if sys.version_info >= (3, 11):  # 3.10's Popen can only make it a session leader
+            assert int(session) == os.getsid(0)  # where batch systems tracking sessions see it
         assert "prep ok" in (workdir(site, good) / "preprocess.log").read_text()
 
         message = last_message(site, bad)

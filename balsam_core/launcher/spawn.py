@@ -38,7 +38,7 @@ OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 #: ``subprocess.Popen`` arguments for a child leading a process group of its own
 #: (Python 3.10 has no ``process_group``: a session of its own, which is one too).
-_OWN_PROCESS_GROUP: dict[str, Any] = (
+OWN_PROCESS_GROUP: dict[str, Any] = (
     {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 )
 
@@ -242,7 +242,7 @@ def _popen(
         try:
             return subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                close_fds=True, **_OWN_PROCESS_GROUP,
+                close_fds=True, **OWN_PROCESS_GROUP,
             )
         finally:
             os.close(stderr)

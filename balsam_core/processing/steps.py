@@ -3,8 +3,9 @@
 * **Pre/postprocess** are the app's argv lists (no templating, never a shell), run in
   the working directory with ``os.environ`` + app environment + task environment +
   ``BALSAM_TASK_ID`` + ``BALSAM_SITE``, stdout and stderr appended to
-  ``preprocess.log`` / ``postprocess.log``, in their own session, killed (whole process
-  group) after ``step_timeout_s``.  The app's ``envscript`` is not sourced here (nor by
+  ``preprocess.log`` / ``postprocess.log``, each leading a process group of its own (in
+  the launcher's session, as tasks: see ``launcher/spawn.py``), killed (the whole group)
+  after ``step_timeout_s``.  The app's ``envscript`` is not sourced here (nor by
   the launcher).  Literal-command tasks have no app, hence no pre/post steps.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api import TASK_ENV
+from ..launcher.spawn import OWN_PROCESS_GROUP
 from ..site import SITE_ENV
 from .items import _exc, _Item, _one_line, _Outcome, _StepFailed
 
@@ -91,7 +93,7 @@ class _Steps:
                 try:
                     proc = subprocess.Popen(
                         list(argv), cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                        stderr=subprocess.STDOUT, close_fds=True, **OWN_PROCESS_GROUP,
                     )
                 except FileNotFoundError:
                     raise _StepFailed(f"{what}: executable not found: {argv[0]}") from None
@@ -133,7 +135,7 @@ def _log_tail(path: Path, start: int) -> str:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group of a step (it runs in its own session) and reap it."""
+    """SIGKILL the process group of a step (it leads its own) and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
