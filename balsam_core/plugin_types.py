@@ -84,6 +84,9 @@ class NodeResources:
         return self.free_fraction >= 1.0 - 1e-9
 
 
+_CPUS = operator.attrgetter("cpus")
+
+
 def nodes_with_room(free: Sequence[NodeResources]) -> list[int]:
     """The indices, in order, of the nodes of *free* with a CPU and some share free.
 
@@ -91,9 +94,6 @@ def nodes_with_room(free: Sequence[NodeResources]) -> list[int]:
     start: nodes without a free CPU are skipped in C (tens of nanoseconds each)."""
     with_cpus = itertools.compress(range(len(free)), map(_CPUS, free))
     return [i for i in with_cpus if free[i].free_fraction > 1e-9]
-
-
-_CPUS = operator.attrgetter("cpus")
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ from balsam_core import (
     TaskSourcePlugin,
     hookimpl,
     is_allowed,
-    nodes_with_room,
     leasable_sql,
     models,
+    nodes_with_room,
     render_argv,
     skip,
     task_environment,
@@ -174,14 +174,14 @@ _HELD = (
     " FROM task LEFT OUTER JOIN app ON app.id = task.app_id"
     " WHERE task.id {ids} AND task.lease_launcher_id = ?"
 )
-#: Taking leases, and giving back those of reported tasks no longer running (raw
-#: statements: see balsam_core.rawsql).
+#: Taking leases (raw statements: see balsam_core.rawsql).
 _LEASE = (
     "UPDATE task SET lease_launcher_id = ?, lease_expires = NULL, batch_job_id = ? WHERE id {ids}"
 )
-_UNLEASE_ENDED = (
-    "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids} AND state <> ?"
-)
+#: Giving back leases: the start of each statement that does; those of reported
+#: tasks no longer running.
+_UNLEASE = "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE"
+_UNLEASE_ENDED = _UNLEASE + " id {ids} AND state <> ?"
 #: A launcher's row (statement compilation was most of what its start waited for).
 _REGISTER = (
     "INSERT INTO launcher (host, pid, mode, batch_job_id, workflow, tags, started, heartbeat)"
@@ -203,7 +203,7 @@ _EXPIRED = (
     " WHERE lease_expires < ? AND lease_launcher_id IS NOT NULL"
 )
 _HELD_BY = "SELECT id, state, lease_launcher_id FROM task WHERE lease_launcher_id {ids}"
-_UNLEASE = "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL WHERE id {ids}"
+_UNLEASE_IDS = _UNLEASE + " id {ids}"
 _STOPPED_LOST = "UPDATE launcher SET stopped = heartbeat WHERE id {ids}"
 #: Release: the launcher's row first (the order every writer of both takes), then its
 #: leases: RUNNING tasks (whose end it could not report) keep theirs until ``lease_s``
@@ -212,10 +212,7 @@ _RELEASE = "UPDATE launcher SET stopped = ? WHERE id = ?"
 _KEEP_RUNNING = (
     "UPDATE task SET lease_expires = ? WHERE lease_launcher_id = ? AND state = 'RUNNING'"
 )
-_UNLEASE_HELD = (
-    "UPDATE task SET lease_launcher_id = NULL, lease_expires = NULL"
-    " WHERE lease_launcher_id = ? AND state <> 'RUNNING'"
-)
+_UNLEASE_HELD = _UNLEASE + " lease_launcher_id = ? AND state <> 'RUNNING'"
 
 
 class DatabaseTaskSource:
@@ -449,7 +446,7 @@ class DatabaseTaskSource:
                 if state == State.RUNNING.value
             ])
             if expired:
-                raw.execute(_UNLEASE, [raw.ids(expired)])
+                raw.execute(_UNLEASE_IDS, [raw.ids(expired)])
         return len(expired)
 
 
